@@ -1,0 +1,42 @@
+# The project's commands. Each sets up .venv first (from scratch on a fresh machine).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# CPU machines get the CPU build of torch first, so pip never pulls a multi-GB CUDA build.
+CPU_TORCH ?= torch==2.13.0
+
+.PHONY: run demo test lint typecheck pytest bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA found: torch comes from pyproject's range"; \
+	else \
+		$(BIN)/python -m pip install -q "$(CPU_TORCH)"; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)          ## the main job
+	$(BIN)/hicache-async info
+
+demo: run
+
+lint: $(STAMP)         ## ruff and mypy --strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict hicache_async
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test: lint pytest      ## what CI runs
+
+bench: $(STAMP)
+	@ls benchmarks/bench_*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

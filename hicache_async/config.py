@@ -1,0 +1,285 @@
+"""Everything a user sets, in one typed settings model.
+
+Precedence, highest first: an explicit argument, then the environment (``HICACHE_<FIELD>``,
+nested with ``__``: ``HICACHE_LAYOUT__NUM_LAYERS=32``), then for the runtime keys the storage
+extra config (``storage_backend_extra_config``, inline JSON or ``@file``), then the default.
+The environment is read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from functools import cached_property
+from typing import Any, Literal, Self
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hicache_async._extra_config import RUNTIME_KEYS, parse_extra_config, runtime_keys_from
+from hicache_async._validation import translate
+from hicache_async.errors import ConfigError
+from hicache_async.layout import KVLayout
+
+__all__ = [
+    "EvictionPolicy",
+    "HiCacheConfig",
+    "HostLayout",
+    "IOBackend",
+    "KVEventsConfig",
+    "PrefetchPolicy",
+    "WritePolicy",
+    "parse_extra_config",
+]
+
+
+class HostLayout(StrEnum):
+    """How the L2 host pool orders its bytes."""
+
+    LAYER_FIRST = "layer_first"  # [layer][k|v][token]: per-layer loads are contiguous
+    PAGE_FIRST = "page_first"  # [page][layer][k|v][token]: one contiguous run per page (L3)
+    PAGE_FIRST_DIRECT = "page_first_direct"  # page_first, moved page by page without staging
+
+
+class WritePolicy(StrEnum):
+    """When L1 pages are backed up to L2."""
+
+    WRITE_THROUGH = "write_through"  # as soon as they are inserted
+    WRITE_THROUGH_SELECTIVE = "write_through_selective"  # once a node has been hit twice
+    WRITE_BACK = "write_back"  # only when evicted from L1
+
+
+class PrefetchPolicy(StrEnum):
+    """How long a request waits for an L3 prefetch."""
+
+    BEST_EFFORT = "best_effort"  # use what has arrived when the request moves on
+    WAIT_COMPLETE = "wait_complete"  # wait for every page
+    TIMEOUT = "timeout"  # wait up to the linear deadline, then use what has arrived
+
+
+class EvictionPolicy(StrEnum):
+    """Which unlocked leaf leaves a tier first."""
+
+    LRU = "lru"
+    LFU = "lfu"
+    FIFO = "fifo"
+    MRU = "mru"
+    FILO = "filo"
+    PRIORITY = "priority"  # lowest request priority first, then LRU
+
+
+class IOBackend(StrEnum):
+    """How bytes move between L1 and L2."""
+
+    DIRECT = "direct"  # torch index ops on copy streams
+    KERNEL = "kernel"  # fused gather/scatter kernels where available
+    AUTO = "auto"  # the best available for the device
+
+
+class KVEventsConfig(BaseModel):
+    """Where KV events are published (the names follow vLLM's ``KVEventsConfig``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    publisher: Literal["zmq", "null"] = "zmq"
+    endpoint: str = "tcp://127.0.0.1:5557"  # loopback: binding all interfaces is opt-in
+    replay_endpoint: str | None = None
+    topic: str = ""
+    buffer_steps: int = Field(default=10_000, gt=0)
+    hwm: int = Field(default=100_000, ge=0)
+
+
+_BACKEND_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class HiCacheConfig(BaseSettings):
+    """The settings of one :class:`~hicache_async.HiCache`. Invalid input is a ``ConfigError``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HICACHE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    layout: KVLayout = Field(description="The model's KV geometry.")
+    device: str = Field(
+        default="auto", description="L1 device: auto (cuda when present), cpu, cuda or cuda:N."
+    )
+    device_pages: int = Field(default=1024, gt=0, description="L1 capacity in pages.")
+    host_pages: int | None = Field(
+        default=None, ge=0, description="L2 capacity in pages; 0 disables L2 (and so L3)."
+    )
+    host_ratio: float = Field(
+        default=2.0, gt=0, description="L2 pages as a multiple of L1 pages, when not given."
+    )
+    host_bytes: int | None = Field(
+        default=None, gt=0, description="L2 capacity in bytes, instead of pages."
+    )
+    host_layout: HostLayout = Field(default=HostLayout.PAGE_FIRST, description="L2 byte order.")
+    io_backend: IOBackend = Field(default=IOBackend.AUTO, description="L1 <-> L2 copy method.")
+    write_policy: WritePolicy = Field(
+        default=WritePolicy.WRITE_THROUGH, description="When L1 pages are backed up to L2."
+    )
+    prefetch_policy: PrefetchPolicy = Field(
+        default=PrefetchPolicy.BEST_EFFORT, description="How long a request waits for L3."
+    )
+    eviction_policy: EvictionPolicy = Field(
+        default=EvictionPolicy.LRU, description="L1 eviction order."
+    )
+    host_eviction_policy: EvictionPolicy | None = Field(
+        default=None, description="L2 eviction order; the L1 policy when unset."
+    )
+    storage_backend: str = Field(
+        default="file", description="L3 backend name (file, memory, redis, ...); none disables L3."
+    )
+    storage_backend_extra_config: str | None = Field(
+        default=None, description="Backend options: inline JSON, or @path to .json/.toml/.yaml."
+    )
+    prefetch_threshold: int = Field(
+        default=256, ge=0, description="Skip L3 prefetches shorter than this many tokens."
+    )
+    prefetch_timeout_base: float = Field(
+        default=1.0, ge=0, description="Seconds every timed prefetch may take."
+    )
+    prefetch_timeout_per_ki_token: float = Field(
+        default=0.25, ge=0, description="Extra seconds per 1024 prefetched tokens."
+    )
+    storage_pass_prefix_keys: bool = Field(
+        default=False, description="Pass the keys of the cached prefix to the backend."
+    )
+    prefetch_capacity_pages: int | None = Field(
+        default=None,
+        ge=0,
+        description="Host pages in-flight prefetches may hold; half of L2 when unset.",
+    )
+    kv_events: KVEventsConfig | None = Field(
+        default=None, description="Publish KV events (off when unset)."
+    )
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise translate(exc, "HiCacheConfig", ConfigError) from exc
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_extra_config(cls, data: Any) -> Any:
+        # Runtime keys in the extra config rank below explicit arguments and the environment,
+        # both of which are already in ``data``; so only fill what is absent.
+        if not isinstance(data, dict):
+            return data
+        runtime = runtime_keys_from(parse_extra_config(data.get("storage_backend_extra_config")))
+        absent = {key: value for key, value in runtime.items() if key not in data}
+        return {**data, **absent} if absent else data
+
+    @field_validator("storage_backend")
+    @classmethod
+    def _check_backend_name(cls, value: str) -> str:
+        name = value.strip().lower()
+        if not _BACKEND_NAME.match(name):
+            raise ValueError(
+                "a storage backend name is lowercase letters, digits, '_', '-' or '.' "
+                "(e.g. file, memory, redis; none disables L3)"
+            )
+        return name
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        name = value.strip().lower()
+        if not _DEVICE.match(name):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return name
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Self:
+        if self.host_pages is not None and self.host_bytes is not None:
+            raise ValueError("set host_pages or host_bytes, not both")
+        if self.host_bytes is not None and self.host_bytes < self.layout.bytes_per_page:
+            raise ValueError(
+                f"host_bytes={self.host_bytes} holds no page of {self.layout.bytes_per_page} "
+                f"bytes; raise host_bytes, or set host_pages=0 to run without L2"
+            )
+        host = self.resolved_host_pages
+        if 0 < host < self.device_pages:
+            raise ValueError(
+                f"the L2 host pool ({host} pages) is smaller than L1 ({self.device_pages} pages), "
+                f"so L2 could not hold what L1 evicts; give L2 at least {self.device_pages} pages "
+                f"(host_pages, host_bytes or host_ratio >= 1), or set host_pages=0 to disable L2"
+            )
+        if self.storage_enabled and host == 0:
+            raise ValueError(
+                f"L3 storage ({self.storage_backend!r}) moves pages through L2, which is disabled "
+                f"(host_pages=0); give L2 pages or set storage_backend='none'"
+            )
+        if self.storage_enabled and self.prefetch_capacity_pages == 0:
+            raise ValueError(
+                "prefetch_capacity_pages=0 refuses every L3 prefetch while L3 is on; leave it "
+                "unset (half of L2), give it pages, or set storage_backend='none'"
+            )
+        if self.prefetch_capacity_pages is not None and self.prefetch_capacity_pages > host:
+            raise ValueError(
+                f"prefetch_capacity_pages={self.prefetch_capacity_pages} exceeds the L2 pool "
+                f"({host} pages); lower it or enlarge L2"
+            )
+        size = self.layout.page_size
+        if self.host_layout is HostLayout.PAGE_FIRST_DIRECT and size & (size - 1):
+            raise ValueError(
+                f"host_layout=page_first_direct moves aligned whole pages and needs a power-of-two "
+                f"page_size, not {size}; change layout.page_size or use host_layout=page_first"
+            )
+        return self
+
+    @property
+    def resolved_host_pages(self) -> int:
+        """L2 capacity in pages, from ``host_pages``, ``host_bytes`` or ``host_ratio``."""
+        if self.host_pages is not None:
+            return self.host_pages
+        if self.host_bytes is not None:
+            return self.host_bytes // self.layout.bytes_per_page
+        return int(self.device_pages * self.host_ratio)
+
+    @property
+    def resolved_host_eviction_policy(self) -> EvictionPolicy:
+        """The L2 eviction policy (the L1 one unless set)."""
+        return self.host_eviction_policy or self.eviction_policy
+
+    @property
+    def resolved_prefetch_capacity_pages(self) -> int:
+        """Host pages that in-flight prefetches may hold together."""
+        if self.prefetch_capacity_pages is not None:
+            return self.prefetch_capacity_pages
+        return self.resolved_host_pages // 2
+
+    @property
+    def host_enabled(self) -> bool:
+        """Whether the cache has an L2 host tier."""
+        return self.resolved_host_pages > 0
+
+    @property
+    def storage_enabled(self) -> bool:
+        """Whether the cache has an L3 storage tier."""
+        return self.storage_backend != "none"
+
+    @cached_property
+    def storage_options(self) -> dict[str, Any]:
+        """The extra-config keys left for the backend (the runtime keys removed)."""
+        extra = parse_extra_config(self.storage_backend_extra_config)
+        return {key: value for key, value in extra.items() if key not in RUNTIME_KEYS}
+
+    def resolve_device(self) -> torch.device:
+        """The L1 device: ``cuda`` under ``auto`` when CUDA is available, else ``cpu``."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device={self.device!r} but CUDA is not available; use auto or cpu")
+        return torch.device(self.device)
+
+    def prefetch_timeout(self, tokens: int) -> float:
+        """The linear prefetch deadline in seconds for ``tokens`` tokens."""
+        return self.prefetch_timeout_base + self.prefetch_timeout_per_ki_token * tokens / 1024
