@@ -1,0 +1,40 @@
+"""Conversions between page indices and token slots.
+
+The radix tree and the session API speak token slots (``page * page_size + offset``), as the
+model's attention kernels do; allocators and L3 backends speak pages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hicache_async.errors import LayoutError
+
+__all__ = ["pages_to_slots", "slots_to_pages"]
+
+
+def pages_to_slots(pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Every token slot of ``pages``, page by page (int64)."""
+    if page_size == 1:
+        return pages
+    offsets = torch.arange(page_size, dtype=torch.int64, device=pages.device)
+    return (pages.unsqueeze(1) * page_size + offsets).reshape(-1)
+
+
+def slots_to_pages(slots: torch.Tensor, page_size: int) -> torch.Tensor:
+    """The pages of page-aligned ``slots`` (whole pages, each in order).
+
+    Raises :class:`LayoutError` when the slots do not cover whole pages in order.
+    """
+    if slots.dtype != torch.int64 or slots.dim() != 1:
+        raise LayoutError(
+            f"token slots must be a 1-D int64 tensor, not {slots.dtype} {tuple(slots.shape)}"
+        )
+    if page_size == 1:
+        return slots
+    if slots.numel() % page_size:
+        raise LayoutError(f"{slots.numel()} token slots are not whole pages of {page_size}")
+    pages = slots[::page_size] // page_size
+    if not torch.equal(pages_to_slots(pages, page_size), slots):
+        raise LayoutError("token slots are not whole, in-order pages")
+    return pages
