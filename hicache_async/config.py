@@ -88,6 +88,10 @@ class KVEventsConfig(BaseModel):
     topic: str = ""
     buffer_steps: int = Field(default=10_000, gt=0)
     hwm: int = Field(default=100_000, ge=0)
+    # Consumers match medium names: SGLang's (GPU, CPU_PINNED, DISK, EXTERNAL) or vLLM's
+    # (GPU, CPU, STORAGE). Hashes go out as vLLM's default, the low 64 bits as an int, or raw.
+    medium_names: Literal["sglang", "vllm"] = "sglang"
+    hash_format: Literal["int64", "bytes"] = "int64"
 
 
 _BACKEND_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")

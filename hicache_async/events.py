@@ -132,6 +132,15 @@ class EventStream:
         async for batch in self._receive:
             yield batch
 
+    def drain_nowait(self) -> list[EventBatch]:
+        """Every batch queued now, without waiting."""
+        batches = []
+        while True:
+            try:
+                batches.append(self._receive.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return batches
+
     async def receive(self) -> EventBatch:
         """The next batch; raises ``anyio.EndOfStream`` once the hub closed and it is drained."""
         return await self._receive.receive()
