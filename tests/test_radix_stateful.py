@@ -144,7 +144,7 @@ class RadixMachine(RuleBasedStateMachine):
     @rule()
     def backup_and_load_last(self) -> None:
         """Write the matched device path through to host, and load its host part back."""
-        key, r = self.last  # type: ignore[misc]
+        key, _r = self.last  # type: ignore[misc]
         fresh = self.tree.match_prefix(key)
         for node in self.tree.path(fresh.last_host_node):
             if node.state.name == "DEVICE":
@@ -177,12 +177,16 @@ class RadixMachine(RuleBasedStateMachine):
         taken = 0
         for node in ev.demoted:
             for p in self.node_pages(node):
-                assert p in self.dev and p in self.host and p not in dl and keep_host
+                assert p in self.dev
+                assert p in self.host
+                assert p not in dl
+                assert keep_host
                 exp_dev.update(self.dev.pop(p))
                 taken += 1
         for node in ev.removed:
             for p in self.node_pages(node):
-                assert p not in dl and p not in hl, f"evicted locked page {p}"
+                assert p not in dl, f"evicted device-locked page {p}"
+                assert p not in hl, f"evicted host-locked page {p}"
                 if p in self.dev:
                     exp_dev.update(self.dev.pop(p))
                     taken += 1
@@ -205,7 +209,10 @@ class RadixMachine(RuleBasedStateMachine):
         exp: Counter[int] = Counter()
         for node in ev.removed:
             for p in self.node_pages(node):
-                assert p in self.host and p not in self.dev and p not in dl and p not in hl
+                assert p in self.host
+                assert p not in self.dev
+                assert p not in dl
+                assert p not in hl
                 exp.update(self.host.pop(p))
         for p in [p for node in ev.removed for p in self.node_pages(node)]:
             assert not any(self.below(p, q) for q in (*self.host, *self.dev))
