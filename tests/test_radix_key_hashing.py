@@ -42,7 +42,7 @@ def _simple_chain(tokens: list[int], page: int, extra: str | None = None) -> lis
 )
 def test_key_from_any_int_sequence(ids: object) -> None:
     key = RadixKey(ids)  # type: ignore[arg-type]
-    assert key.data == struct.pack("<4i", 1, 2, 3, 70000)
+    assert key.data == struct.pack("<4q", 1, 2, 3, 70000)
     assert len(key) == 4
     assert key.token_ids() == [1, 2, 3, 70000]
     assert key == RadixKey([1, 2, 3, 70000])
@@ -55,8 +55,8 @@ def test_key_from_any_int_sequence(ids: object) -> None:
         np.zeros((2, 2), dtype=np.int64),
         np.array([1.0, 2.0]),
         torch.tensor([1.5]),
-        [2**31],
-        np.array([2**40]),
+        [2**63],
+        np.array([2**64 - 1], dtype=np.uint64),
         ["a"],
         b"abc",
     ],
@@ -83,6 +83,12 @@ def test_page_hashes_known_vectors() -> None:
 
 
 PINNED_FIRST = "cf97adeedb59e05bfd73a2b4c2a8885708c4f4f70c84c64b27120e72ab733b72"
+
+
+def test_page_hashes_need_int32_token_ids() -> None:
+    assert page_hashes([2**31 - 1], 1) == _simple_chain([2**31 - 1], 1)
+    with pytest.raises(RadixInputError, match="int32"):
+        page_hashes([2**31], 1)
 
 
 def test_page_hashes_chain_extra_key_and_partial_page() -> None:

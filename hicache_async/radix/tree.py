@@ -1,6 +1,6 @@
 """The radix tree over token pages: match, insert, split, lock refs, lazy page hashes.
 
-Synchronous by design: the event loop owns it (no locks, no awaits). Keys are int32-LE bytes;
+Synchronous by design: the event loop owns it (no locks, no awaits). Keys are int64-LE bytes;
 children are keyed by their first page's bytes, and a node's whole span is compared with one
 ``bytes.startswith`` (a ``memcmp``), so neither match nor insert does per-token or per-page Python
 work. Page hashes are computed only when asked for (:meth:`RadixTree.page_hashes`).
@@ -24,7 +24,7 @@ from hicache_async.radix.policy import EvictionHeap, make_policy
 
 __all__ = ["RadixTreeBase"]
 
-_I32 = np.dtype("<i4")
+_I64 = np.dtype("<i8")
 _DEVICE = NodeState.DEVICE
 _HOST = NodeState.HOST
 _BOTH = NodeState.BOTH
@@ -129,8 +129,8 @@ class RadixTreeBase:
     def _common_tokens(self, child_key: bytes, data: bytes, off: int, end: int) -> int:
         """Whole-page tokens that ``child_key`` shares with ``data[off:end]``."""
         m = min(len(child_key), end - off) // TOKEN_BYTES
-        a = np.frombuffer(child_key, dtype=_I32, count=m)
-        b = np.frombuffer(data, dtype=_I32, count=m, offset=off)
+        a = np.frombuffer(child_key, dtype=_I64, count=m)
+        b = np.frombuffer(data, dtype=_I64, count=m, offset=off)
         diff = np.flatnonzero(a != b)
         first = int(diff[0]) if diff.size else m
         return first - first % self.page_size
