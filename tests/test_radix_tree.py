@@ -242,3 +242,22 @@ def test_insert_copies_the_callers_slots() -> None:
     tree.insert(RadixKey([1, 2, 3]), mine)
     mine.fill_(-1)
     assert tree.match_prefix(RadixKey([1, 2, 3])).device_indices.tolist() == [0, 1, 2]
+
+
+def test_insert_through_a_loading_node() -> None:
+    tree = RadixTree(page_size=1)
+    tree.insert_host(RadixKey([1, 2]), slots(100, 2))
+    node = tree.match_prefix(RadixKey([1, 2])).last_host_node
+    tree.lock(node)
+    tree.start_load(node, slots(0, 2))
+    # another request recomputed [1, 2] and adds [3]: the loading copy counts as cached
+    assert tree.insert(RadixKey([1, 2, 3]), slots(10, 3)) == 2
+    r = tree.match_prefix(RadixKey([1, 2, 3]))
+    assert (r.device_hit_length, r.host_hit_length) == (0, 2)  # nothing below a load yet
+    tree.check()
+    with pytest.raises(IndexStateError, match="below"):
+        tree.cancel_load(node)
+    tree.finish_load(node)
+    assert tree.match_prefix(RadixKey([1, 2, 3])).device_indices.tolist() == [0, 1, 12]
+    tree.unlock(node)
+    tree.check()

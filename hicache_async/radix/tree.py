@@ -5,8 +5,10 @@ children are keyed by their first page's bytes, and a node's whole span is compa
 ``bytes.startswith`` (a ``memcmp``), so neither match nor insert does per-token or per-page Python
 work. Page hashes are computed only when asked for (:meth:`RadixTree.page_hashes`).
 
-Residency invariant: a node whose device copy is valid has a parent that is a root or whose device
-copy is valid too; a loading node's parent holds device slots. Host-only nodes hang below anything.
+Residency invariant: a node that holds device slots (valid or reserved for a load) has a parent
+that is a root or holds device slots too. Host-only nodes hang below anything. A match counts
+device hits only while nodes are device-valid, so nothing below a loading node is a device hit
+until its load finishes.
 Eviction and tier transitions live in :mod:`hicache_async.radix.tiers`; this module is the index.
 """
 
