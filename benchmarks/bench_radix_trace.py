@@ -43,6 +43,16 @@ def load_trace(path: str, max_requests: int = 0) -> list[tuple[int, list[int]]]:
     return [(r[2], r[3]) for r in rows]
 
 
+def _count_nodes(tree: RadixTree) -> int:
+    stack = list(tree._roots.values())
+    n = -len(stack)
+    while stack:
+        x = stack.pop()
+        n += 1
+        stack.extend(x.children.values())
+    return n
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -105,7 +115,7 @@ def replay(
         "insert_us_per_op": t_insert / n * 1e6,
         "avg_request_tokens": sum(len(t) for t in tokens) / n,
         "cached_pages": cached_pages,
-        "tree_nodes": tree._next_id - len(tree._roots),
+        "tree_nodes": _count_nodes(tree),
         "rss_bytes_per_cached_page": rss_delta / cached_pages if cached_pages else 0.0,
     }
 
