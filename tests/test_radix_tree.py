@@ -261,3 +261,33 @@ def test_insert_through_a_loading_node() -> None:
     assert tree.match_prefix(RadixKey([1, 2, 3])).device_indices.tolist() == [0, 1, 12]
     tree.unlock(node)
     tree.check()
+
+
+def test_insert_without_copy_keeps_views() -> None:
+    tree = RadixTree(page_size=1)
+    mine = slots(0, 3)
+    tree.insert(RadixKey([1, 2, 3]), mine, copy=False)
+    got = tree.match_prefix(RadixKey([1, 2, 3])).device_indices
+    assert got.data_ptr() == mine.data_ptr()
+    tree.check()
+
+
+def test_clear_returns_everything_and_refuses_while_locked() -> None:
+    tree = RadixTree(page_size=1)
+    tree.insert(RadixKey([1, 2]), slots(0, 2))
+    tree.insert(RadixKey([1, 2], "t"), slots(10, 2))
+    tree.insert_host(RadixKey([1, 2, 3]), slots(100, 3))
+    node = tree.match_prefix(RadixKey([1, 2])).last_device_node
+    tree.lock(node)
+    with pytest.raises(IndexStateError, match="locked"):
+        tree.clear()
+    tree.unlock(node)
+    ev = tree.clear()
+    assert sorted(ev.device_indices.tolist()) == [0, 1, 10, 11]
+    assert ev.host_indices.tolist() == [102]
+    assert ev.num_pages == 5
+    assert tree.total_size() == tree.total_size(Tier.HOST) == 0
+    assert tree.stats()["namespaces"] == 1
+    tree.check()
+    assert tree.insert(RadixKey([1, 2]), slots(20, 2)) == 0
+    tree.check()

@@ -258,6 +258,41 @@ class RadixTree(RadixTreeBase):
         self._refresh(node)
         return indices
 
+    # ----------------------------------------------------------------------- whole tree
+
+    def clear(self) -> EvictResult:
+        """Drop every node (e.g. on a cache flush). Refused while anything is locked.
+
+        Returns all device and host slots for the caller to free, and the removed nodes."""
+        if self._dev_protected or self._host_protected:
+            raise IndexStateError(
+                f"cannot clear: {self._dev_protected} device and {self._host_protected} host "
+                "tokens are locked"
+            )
+        dev: list[torch.Tensor] = []
+        host: list[torch.Tensor] = []
+        result = EvictResult(self._empty, self._empty_host)
+        for root in list(self._roots.values()):
+            for child in list(root.children.values()):
+                self._remove_subtree(child, dev, host, result.removed)
+        result.device_indices = self._cat(dev, self._empty)
+        result.host_indices = self._cat(host, self._empty_host)
+        result.num_pages = sum(n.num_tokens for n in result.removed) // self.page_size
+        return result
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics (O(1); no tree walk)."""
+        return {
+            "device_evictable_tokens": self._dev_evictable,
+            "device_protected_tokens": self._dev_protected,
+            "host_evictable_tokens": self._host_evictable,
+            "host_protected_tokens": self._host_protected,
+            "device_evictable_leaves": self._dev_heap.size,
+            "host_evictable_leaves": self._host_heap.size,
+            "namespaces": len(self._roots),
+            "nodes_created": self._next_id - 1,
+        }
+
     # ----------------------------------------------------------------------- checks
 
     def check(self) -> None:

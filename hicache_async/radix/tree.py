@@ -270,34 +270,43 @@ class RadixTreeBase:
         self._refresh(parent)
         self._refresh(child)
 
-    def insert(self, key: RadixKey, device_indices: torch.Tensor, priority: int = 0) -> int:
+    def insert(
+        self, key: RadixKey, device_indices: torch.Tensor, priority: int = 0, *, copy: bool = True
+    ) -> int:
         """Insert ``key``'s whole pages with their device slots (one per token of ``key``).
 
         Returns the number of leading tokens whose device copy was already cached: the caller
-        frees its own duplicate slots for them. Host-only nodes on the path adopt the caller's
-        slots (the KV was recomputed) and become BOTH; new nodes are DEVICE.
+        frees its own duplicate slots for them (and the slots of a partial last page). Host-only
+        nodes on the path adopt the caller's slots (the KV was recomputed) and become BOTH; new
+        nodes are DEVICE. ``copy=False`` keeps views of ``device_indices`` instead of copies:
+        for a caller that hands over a tensor it never writes again (a fresh allocation).
         """
         check_indices(device_indices, len(key), "device_indices")
         node, off, end, host_only = self._walk_for_insert(key, priority)
         cached = host_only[0][1] if host_only else off
         for h, start in host_only:  # the KV was recomputed: keep the caller's copy
             a = start // TOKEN_BYTES
-            self._set_device_copy(h, device_indices[a : a + h.num_tokens].clone())
+            part = device_indices[a : a + h.num_tokens]
+            self._set_device_copy(h, part.clone() if copy else part)
         if off < end:
             new = self._new_node(key.data[off:end], node, _DEVICE, priority)
-            new.device_indices = device_indices[off // TOKEN_BYTES : end // TOKEN_BYTES].clone()
+            part = device_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
+            new.device_indices = part.clone() if copy else part
             self._dev_evictable += new.num_tokens
             self._attach(node, new)
         return cached // TOKEN_BYTES
 
-    def insert_host(self, key: RadixKey, host_indices: torch.Tensor, priority: int = 0) -> int:
+    def insert_host(
+        self, key: RadixKey, host_indices: torch.Tensor, priority: int = 0, *, copy: bool = True
+    ) -> int:
         """Insert pages that arrived on host (from L3). Returns the tokens already in the tree
         (any tier): the caller frees its duplicate host slots for them."""
         check_indices(host_indices, len(key), "host_indices")
         node, off, end, _ = self._walk_for_insert(key, priority)
         if off < end:
             new = self._new_node(key.data[off:end], node, _HOST, priority)
-            new.host_indices = host_indices[off // TOKEN_BYTES : end // TOKEN_BYTES].clone()
+            part = host_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
+            new.host_indices = part.clone() if copy else part
             self._host_evictable += new.num_tokens
             self._attach(node, new)
         return off // TOKEN_BYTES
