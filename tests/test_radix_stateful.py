@@ -25,7 +25,10 @@ extra_st = st.sampled_from([None, None, "x"])
 
 
 class RadixMachine(RuleBasedStateMachine):
-    @initialize(page=st.sampled_from([1, 2, 3]), policy=st.sampled_from(["lru", "lfu", "mru"]))
+    @initialize(
+        page=st.sampled_from([1, 2, 3]),
+        policy=st.sampled_from(["lru", "lfu", "fifo", "mru", "filo", "priority"]),
+    )
     def setup(self, page: int, policy: str) -> None:
         self.P = page
         self.tree = RadixTree(page_size=page, eviction_policy=policy)
