@@ -120,3 +120,14 @@ def test_tree_hashes_are_lazy_cached_and_survive_splits() -> None:
     other = tree.match_prefix(RadixKey([*toks[:4], 99, 99], "ns")).last_device_node
     assert tree.path_hashes(other) == _simple_chain([*toks[:4], 99, 99], 2, "ns")
     tree.check()
+
+
+def test_removed_nodes_still_hash_for_kv_events() -> None:
+    tree = RadixTree(page_size=2)
+    toks = list(range(8))
+    tree.insert(RadixKey(toks, "t"), torch.arange(8))
+    ev = tree.evict(1)  # the tail page leaves the tree
+    (gone,) = ev.removed
+    assert tree.page_hashes(gone) == _simple_chain(toks, 2, "t")[3:]
+    assert tree.path_key(gone) == RadixKey(toks, "t")
+    tree.check()
