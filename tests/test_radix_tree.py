@@ -291,3 +291,14 @@ def test_clear_returns_everything_and_refuses_while_locked() -> None:
     tree.check()
     assert tree.insert(RadixKey([1, 2]), slots(20, 2)) == 0
     tree.check()
+
+
+def test_split_keeps_the_written_flag() -> None:
+    tree = RadixTree(page_size=1)
+    tree.insert(RadixKey([1, 2, 3]), slots(0, 3))
+    node = tree.match_prefix(RadixKey([1, 2, 3])).last_device_node
+    node.written = True  # the write-back commit sets it
+    upper = tree.match_prefix(RadixKey([1, 9])).last_device_node
+    assert upper is not node
+    assert upper.written
+    assert node.written

@@ -80,6 +80,7 @@ class TreeNode:
         "parent",
         "priority",
         "state",
+        "written",
     )
 
     def __init__(
@@ -106,6 +107,7 @@ class TreeNode:
         self.created = tick
         self.priority = priority
         self.hashes: list[str] | None = None  # per-page SHA-256 hex, filled lazily
+        self.written = False  # its pages were acknowledged by L3 (set by the write-back commit)
         self.extra_key: str | None = None  # only meaningful on roots
         self.dev_seq = 0  # seq of this node's live entry in the device eviction heap (0: none)
         self.host_seq = 0  # likewise for the host heap

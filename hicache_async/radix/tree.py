@@ -153,6 +153,7 @@ class RadixTreeBase:
         upper.hit_count = node.hit_count
         upper.device_lock_ref = node.device_lock_ref
         upper.host_lock_ref = node.host_lock_ref
+        upper.written = node.written
         if node.device_indices is not None:
             upper.device_indices = node.device_indices[:n_tokens]
             node.device_indices = node.device_indices[n_tokens:]
