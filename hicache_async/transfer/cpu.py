@@ -45,7 +45,7 @@ class _CpuLoadTicket(LoadTicket):
             raise LayoutError(f"layer {layer} is outside [0, {self.num_layers})")
         while self._ready <= layer:
             if self._error is not None:
-                raise TransferError(f"the load failed before layer {layer}") from self._error
+                raise TransferError(f"layer {layer} never arrived: {self._error}") from self._error
             await self._changed.wait()
 
     def _advance(self, ready: int) -> None:
