@@ -3,8 +3,11 @@
 Each copy runs through ``anyio.to_thread.run_sync`` under a :class:`anyio.CapacityLimiter`,
 so the loop keeps running while bytes move (torch releases the GIL inside ``copy_`` and the
 index ops). Backups are cut into chunks of at most ``chunk_bytes`` and loads into groups of
-layers, one thread call each: a cancelled caller waits for the chunk in flight (``to_thread``
-does not abandon its thread), then stops, so no thread writes after ``backup``/``load`` ends.
+layers of at least ``min_layer_group_bytes`` (a layer is ready when its group is), one thread
+call each: every call costs a thread hop and a fork/join of torch's intra-op threads, so the
+pieces are large. A cancelled caller waits for the piece in flight (``to_thread`` does not
+abandon its thread), then stops, so no thread writes after ``backup``/``load`` has ended.
+Copies of at most ``inline_bytes`` run on the loop: a thread hop costs more than they do.
 
 ``io_backend``: ``direct`` (torch index ops) is what runs; ``kernel`` and ``auto`` map to it on
 CPU, where no fused kernel exists.
@@ -17,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
+import anyio.lowlevel
 import torch
 
 from hicache_async.errors import LayoutError, TransferError
@@ -67,8 +71,9 @@ class CpuTransferEngine(TransferEngine):
         host_pool: HostKVPool,
         *,
         threads: int = 2,
-        chunk_bytes: int = 32 << 20,
-        min_layer_group_bytes: int = 1 << 20,
+        chunk_bytes: int = 128 << 20,
+        min_layer_group_bytes: int = 16 << 20,
+        inline_bytes: int = 256 << 10,
     ) -> None:
         super().__init__(device_pool, host_pool)
         if device_pool.device.type != "cpu":
@@ -80,6 +85,7 @@ class CpuTransferEngine(TransferEngine):
         self.limiter = anyio.CapacityLimiter(threads)
         self.chunk_bytes = chunk_bytes
         self.min_layer_group_bytes = min_layer_group_bytes
+        self.inline_bytes = inline_bytes
         self._device = device_pages_view(device_pool)
         self._host = host_pages_view(host_pool)
 
@@ -90,7 +96,8 @@ class CpuTransferEngine(TransferEngine):
         plan = plan_pages(device, host, self.layout.bytes_per_page)
         max_pages = max(1, self.chunk_bytes // self.layout.bytes_per_page)
         for chunk in plan.chunks(max_pages):
-            await self._in_thread(functools.partial(copy_pages, self._host, self._device, chunk))
+            copy = functools.partial(copy_pages, self._host, self._device, chunk)
+            await self._in_thread(copy, chunk.num_pages * self.layout.bytes_per_page)
 
     @asynccontextmanager
     async def _run_load(self, src: torch.Tensor, dst: torch.Tensor) -> AsyncIterator[LoadTicket]:
@@ -117,7 +124,7 @@ class CpuTransferEngine(TransferEngine):
             for start in range(0, self.layout.num_layers, group):
                 layers = slice(start, min(start + group, self.layout.num_layers))
                 copy = functools.partial(copy_pages, self._device, self._host, plan, layers)
-                await self._in_thread(copy)
+                await self._in_thread(copy, (layers.stop - start) * per_layer)
                 ticket._advance(layers.stop)
         except TransferError as exc:  # the ticket reports it to the load's owner
             ticket._fail(exc)
@@ -125,9 +132,13 @@ class CpuTransferEngine(TransferEngine):
             ticket._fail(TransferError("the load was cancelled"))
             raise
 
-    async def _in_thread(self, copy: Callable[[], None]) -> None:
+    async def _in_thread(self, copy: Callable[[], None], nbytes: int) -> None:
         try:
-            await anyio.to_thread.run_sync(copy, limiter=self.limiter)
+            if nbytes <= self.inline_bytes:  # a thread hop costs more than copying this much
+                copy()
+                await anyio.lowlevel.checkpoint()
+            else:
+                await anyio.to_thread.run_sync(copy, limiter=self.limiter)
         except anyio.get_cancelled_exc_class():
             self.stats.cancelled += 1
             raise

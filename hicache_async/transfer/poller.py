@@ -5,8 +5,12 @@ CUDA events (``query()``), ``torch.distributed`` work handles (``is_completed()`
 (``event.synchronize()``, ``work.wait()``) blocks the thread. :class:`EventPoller` checks every
 pending object from one task on the loop:
 
-* a few rounds with ``sleep(0)`` (completions that are microseconds away cost no sleep),
-  then an exponential back-off from ``min_interval`` up to ``max_interval`` (~1 ms);
+* for ``spin_time`` after any activity (a new waiter, a completion) it re-checks on every
+  loop iteration (a bare checkpoint: other tasks run in between), so completions that are
+  microseconds away are seen within microseconds;
+* then it sleeps, the interval doubling from ``min_interval`` up to ``max_interval`` (1 ms).
+  Event loops round timers to their clock: asyncio on epoll sleeps at least 1 ms, so past the
+  spin window a completion is seen within about a millisecond;
 * a new waiter resets the back-off and wakes the poller at once;
 * with nothing pending it parks on an event and costs nothing.
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias, cast
@@ -71,11 +76,15 @@ class EventPoller:
     """Awaits completion objects for every task of one cache from a single polling task."""
 
     def __init__(
-        self, *, spins: int = 8, min_interval: float = 20e-6, max_interval: float = 1e-3
+        self,
+        *,
+        spin_time: float = 200e-6,
+        min_interval: float = 100e-6,
+        max_interval: float = 1e-3,
     ) -> None:
-        if spins < 0 or not 0 < min_interval <= max_interval:
-            raise ValueError("need spins >= 0 and 0 < min_interval <= max_interval")
-        self.spins = spins
+        if spin_time < 0 or not 0 < min_interval <= max_interval:
+            raise ValueError("need spin_time >= 0 and 0 < min_interval <= max_interval")
+        self.spin_time = spin_time
         self.min_interval = min_interval
         self.max_interval = max_interval
         self._pending: dict[int, _Waiter] = {}
@@ -144,27 +153,28 @@ class EventPoller:
                 waiter.event.set()
 
     async def _poll_forever(self) -> None:
-        idle = 0
+        interval = self.min_interval
+        active_at = time.perf_counter()
         while True:
             if not self._pending:
                 if self._closed:
                     return
                 self._wakeup = anyio.Event()
                 await self._wakeup.wait()
-                idle = 0
+                active_at, interval = time.perf_counter(), self.min_interval
                 continue
             if self._poll_once():
-                idle = 0
-            if idle < self.spins:
-                idle += 1
-                await anyio.lowlevel.checkpoint()
+                active_at, interval = time.perf_counter(), self.min_interval
+            if time.perf_counter() - active_at < self.spin_time:
+                await anyio.lowlevel.checkpoint()  # other tasks run between spins
                 continue
-            interval = min(self.max_interval, self.min_interval * 2 ** min(idle - self.spins, 30))
-            idle += 1
             self._wakeup = anyio.Event()
             with anyio.move_on_after(interval):
                 await self._wakeup.wait()
-                idle = 0  # a new waiter: poll it eagerly
+            if self._wakeup.is_set():  # a new waiter: poll eagerly again
+                active_at, interval = time.perf_counter(), self.min_interval
+            else:
+                interval = min(self.max_interval, interval * 2)
 
     def _poll_once(self) -> bool:
         self.polls += 1

@@ -24,7 +24,7 @@ def make(layout: KVLayout, host_layout: HostLayout, device_pages: int = 24, **op
 @pytest.mark.parametrize("host_layout", LAYOUTS)
 @pytest.mark.parametrize("shuffle", [False, True], ids=["runs", "scattered"])
 async def test_backup_then_load_is_bit_exact(layout, host_layout, shuffle) -> None:
-    device, host, engine = make(layout, host_layout)
+    device, host, engine = make(layout, host_layout, inline_bytes=0)  # through the threads
     ps = layout.page_size
     src = alloc_slots(device.allocator, ps, 10, shuffle=shuffle, seed=1)
     dst_host = alloc_slots(host.allocator, ps, 10, shuffle=shuffle, seed=2)
@@ -107,8 +107,11 @@ async def test_factory_picks_the_cpu_engine() -> None:
 
 
 @pytest.mark.parametrize("host_layout", LAYOUTS)
-async def test_layers_become_ready_in_order(host_layout) -> None:
-    device, host, engine = make(MHA, host_layout, min_layer_group_bytes=0)
+@pytest.mark.parametrize("inline_bytes", [0, 1 << 20], ids=["threads", "inline"])
+async def test_layers_become_ready_in_order(host_layout, inline_bytes) -> None:
+    device, host, engine = make(
+        MHA, host_layout, min_layer_group_bytes=0, inline_bytes=inline_bytes
+    )
     src_host = alloc_slots(host.allocator, 4, 6, shuffle=True)
     dst = alloc_slots(device.allocator, 4, 6, shuffle=True)
     randomize(host.buffer, seed=8)
@@ -143,7 +146,9 @@ async def test_engine_layer_ready_waits_for_every_load_in_flight() -> None:
 
 async def test_cancelled_backup_finishes_the_chunk_in_flight_and_leaks_nothing() -> None:
     layout = KVLayout(num_layers=8, num_kv_heads=8, head_dim=128, page_size=16)  # 512 KiB/page
-    device, host, engine = make(layout, HostLayout.PAGE_FIRST, device_pages=128)
+    device, host, engine = make(
+        layout, HostLayout.PAGE_FIRST, device_pages=128, chunk_bytes=8 << 20
+    )
     start = (device.allocator.available, host.allocator.available)
     randomize(device.kv, seed=9)
     src = alloc_slots(device.allocator, 16, 128, shuffle=False)
@@ -167,8 +172,8 @@ async def test_cancelled_backup_finishes_the_chunk_in_flight_and_leaks_nothing()
     assert not committed
     assert engine.limiter.borrowed_tokens == 0
     assert engine.stats.cancelled == 1
-    # The chunk in flight (one 32 MiB thread call, all 64 MiB here in two) was not cut short:
-    # every page is either fully copied or untouched.
+    # The chunk in flight (8 MiB thread calls, 64 MiB in all) was not cut short: every page
+    # is either fully copied or untouched.
     copied = [
         torch.equal(bits(host.buffer[i]), bits(device.kv[:, :, src[16 * i : 16 * i + 16]]))
         for i in range(128)
@@ -181,7 +186,9 @@ async def test_cancelled_backup_finishes_the_chunk_in_flight_and_leaks_nothing()
 
 async def test_cancelled_load_stops_between_layers_and_leaves_nothing_running() -> None:
     layout = KVLayout(num_layers=16, num_kv_heads=8, head_dim=128, page_size=16)
-    device, host, engine = make(layout, HostLayout.LAYER_FIRST, device_pages=64)
+    device, host, engine = make(
+        layout, HostLayout.LAYER_FIRST, device_pages=64, min_layer_group_bytes=0
+    )
     start = (device.allocator.available, host.allocator.available)
     src = alloc_slots(host.allocator, 16, 64, shuffle=True)
     dst = alloc_slots(device.allocator, 16, 64, shuffle=True)
