@@ -124,7 +124,11 @@ class TransferEngine(ABC):
     def host_and_device_pages(
         self, host_slots: torch.Tensor, device_slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Checked page indices (CPU int64) of two equally long, page-aligned slot tensors."""
+        """Checked page indices (CPU int64) of two equally long, page-aligned slot tensors.
+
+        Slots may live on either device; CUDA slot tensors cost a sync with the current stream
+        to read them, so pass CPU ones (the loop keeps the index on the CPU anyway).
+        """
         if host_slots.dim() != 1 or device_slots.dim() != 1:
             raise LayoutError("token slots must be 1-D int64 tensors")
         if host_slots.numel() != device_slots.numel():

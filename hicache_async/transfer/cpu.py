@@ -28,6 +28,7 @@ from hicache_async.memory.device_pool import DeviceKVPool
 from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.transfer.base import LoadTicket, TransferEngine
 from hicache_async.transfer.plan import copy_pages, device_pages_view, host_pages_view, plan_pages
+from hicache_async.transfer.poller import raise_single
 
 __all__ = ["CpuTransferEngine"]
 
@@ -108,9 +109,7 @@ class CpuTransferEngine(TransferEngine):
                 yield ticket
         except BaseExceptionGroup as group:
             # _copy_layers raises only cancellation, so the group wraps what the block raised.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+            raise_single(group)
 
     async def _copy_layers(
         self, ticket: _CpuLoadTicket, src: torch.Tensor, dst: torch.Tensor

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import NoReturn
 
 import anyio
 import torch
@@ -91,8 +92,7 @@ class CudaTransferEngine(TransferEngine):
         try:
             event, keep = self._enqueue_backup(host, device)
         except RuntimeError as exc:
-            self.stats.failed += 1
-            raise TransferError(f"enqueueing a backup failed: {exc}") from exc
+            await self._fail(self.backup_stream, exc)
         await self._settle(event)
         del keep  # the copy is over: staging may go back to the caching allocator
 
@@ -127,8 +127,7 @@ class CudaTransferEngine(TransferEngine):
         try:
             ticket = self._enqueue_load(src, dst)
         except RuntimeError as exc:
-            self.stats.failed += 1
-            raise TransferError(f"enqueueing a load failed: {exc}") from exc
+            await self._fail(self.load_stream, exc)
         try:
             yield ticket
         finally:
@@ -174,6 +173,15 @@ class CudaTransferEngine(TransferEngine):
                 event.record(stream)
                 events.append(event)
         return CudaLoadTicket(self.poller, events, (staging, index, index_cpu))
+
+    async def _fail(self, stream: torch.cuda.Stream, exc: RuntimeError) -> NoReturn:
+        """Enqueueing failed part-way (e.g. out of memory for staging): wait until what was
+        enqueued has run, so the caller may free the pages, then report the error."""
+        self.stats.failed += 1
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(stream)
+        await self._settle(event, shielded=True)
+        raise TransferError(f"enqueueing a copy failed: {exc}") from exc
 
     async def _settle(self, event: torch.cuda.Event, *, shielded: bool = False) -> None:
         """Await ``event``; if cancelled, still wait for it (shielded) before re-raising."""

@@ -26,7 +26,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeAlias, cast
+from typing import Any, NoReturn, TypeAlias, cast
 
 import anyio
 import anyio.lowlevel
@@ -56,6 +56,17 @@ def _probe(obj: object) -> Callable[[], bool]:
         f"cannot poll a {type(obj).__name__}: pass a torch.cuda.Event, a torch.distributed "
         "Work, a concurrent.futures.Future or a callable returning bool"
     )
+
+
+def raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Re-raise the one exception a task group wrapped (the block's own), else the group.
+
+    Context managers that run a helper task around their block would otherwise turn every
+    error of the block into an ``ExceptionGroup`` their callers do not expect.
+    """
+    if len(group.exceptions) == 1:
+        raise group.exceptions[0] from None
+    raise group
 
 
 def is_complete(obj: Completion) -> bool:
@@ -100,12 +111,15 @@ class EventPoller:
     async def open(cls, **options: Any) -> AsyncIterator[EventPoller]:
         """Run a poller for the block; leaving it stops the poller."""
         poller = cls(**options)
-        async with anyio.create_task_group() as tg:
-            await tg.start(poller.run)
-            try:
-                yield poller
-            finally:
-                poller.close()
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(poller.run)
+                try:
+                    yield poller
+                finally:
+                    poller.close()
+        except BaseExceptionGroup as group:
+            raise_single(group)
 
     @property
     def pending(self) -> int:
