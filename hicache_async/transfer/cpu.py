@@ -27,7 +27,13 @@ from hicache_async.errors import LayoutError, TransferError
 from hicache_async.memory.device_pool import DeviceKVPool
 from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.transfer.base import LoadTicket, TransferEngine
-from hicache_async.transfer.plan import copy_pages, device_pages_view, host_pages_view, plan_pages
+from hicache_async.transfer.plan import (
+    copy_pages,
+    count_runs,
+    device_pages_view,
+    host_pages_view,
+    plan_pages,
+)
 from hicache_async.transfer.poller import raise_single
 
 __all__ = ["CpuTransferEngine"]
@@ -73,8 +79,9 @@ class CpuTransferEngine(TransferEngine):
         *,
         threads: int = 2,
         chunk_bytes: int = 128 << 20,
-        min_layer_group_bytes: int = 16 << 20,
+        min_layer_group_bytes: int = 64 << 20,
         inline_bytes: int = 256 << 10,
+        run_call_bytes: int = 2 << 20,
     ) -> None:
         super().__init__(device_pool, host_pool)
         if device_pool.device.type != "cpu":
@@ -87,6 +94,7 @@ class CpuTransferEngine(TransferEngine):
         self.chunk_bytes = chunk_bytes
         self.min_layer_group_bytes = min_layer_group_bytes
         self.inline_bytes = inline_bytes
+        self.run_call_bytes = run_call_bytes
         self._device = device_pages_view(device_pool)
         self._host = host_pages_view(host_pool)
 
@@ -114,10 +122,8 @@ class CpuTransferEngine(TransferEngine):
     async def _copy_layers(
         self, ticket: _CpuLoadTicket, src: torch.Tensor, dst: torch.Tensor
     ) -> None:
+        group = self._layer_group(src, dst)
         per_layer = self.layout.bytes_per_page_per_layer * src.numel()
-        group = max(
-            1, min(self.layout.num_layers, -(-self.min_layer_group_bytes // max(per_layer, 1)))
-        )
         plan = plan_pages(src, dst, self.layout.bytes_per_page_per_layer * group)
         try:
             for start in range(0, self.layout.num_layers, group):
@@ -130,6 +136,16 @@ class CpuTransferEngine(TransferEngine):
         except BaseException:  # cancelled (the block left early): no thread runs now
             ticket._fail(TransferError("the load was cancelled"))
             raise
+
+    def _layer_group(self, src: torch.Tensor, dst: torch.Tensor) -> int:
+        """Layers per thread call: at least ``min_layer_group_bytes`` per call, and enough
+        that each run copied moves ``run_call_bytes`` (scattered pages make short runs, and
+        a ``copy_`` call costs microseconds whatever it moves)."""
+        per_page = self.layout.bytes_per_page_per_layer
+        by_bytes = -(-self.min_layer_group_bytes // max(per_page * src.numel(), 1))
+        runs = max(count_runs(src, dst), 1)
+        by_runs = -(-self.run_call_bytes * runs // max(per_page * src.numel(), 1))
+        return max(1, min(self.layout.num_layers, max(by_bytes, by_runs)))
 
     async def _in_thread(self, copy: Callable[[], None], nbytes: int) -> None:
         try:

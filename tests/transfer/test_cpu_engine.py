@@ -110,7 +110,7 @@ async def test_factory_picks_the_cpu_engine() -> None:
 @pytest.mark.parametrize("inline_bytes", [0, 1 << 20], ids=["threads", "inline"])
 async def test_layers_become_ready_in_order(host_layout, inline_bytes) -> None:
     device, host, engine = make(
-        MHA, host_layout, min_layer_group_bytes=0, inline_bytes=inline_bytes
+        MHA, host_layout, min_layer_group_bytes=0, run_call_bytes=0, inline_bytes=inline_bytes
     )
     src_host = alloc_slots(host.allocator, 4, 6, shuffle=True)
     dst = alloc_slots(device.allocator, 4, 6, shuffle=True)
@@ -121,6 +121,8 @@ async def test_layers_become_ready_in_order(host_layout, inline_bytes) -> None:
         for layer in range(MHA.num_layers):
             await ticket.layer_ready(layer)
             assert all(ticket.is_layer_ready(j) for j in range(layer + 1))
+            if inline_bytes and layer == 0:  # one layer per step: layer 2 is still to come
+                assert not ticket.is_layer_ready(2)
             seen.append(layer)
             got = device.kv[layer, :, dst].reshape(2, 6, -1).transpose(0, 1)
             per_layer = MHA.bytes_per_page_per_layer
@@ -133,7 +135,9 @@ async def test_layers_become_ready_in_order(host_layout, inline_bytes) -> None:
 
 
 async def test_engine_layer_ready_waits_for_every_load_in_flight() -> None:
-    device, host, engine = make(MHA, HostLayout.PAGE_FIRST, min_layer_group_bytes=0)
+    device, host, engine = make(
+        MHA, HostLayout.PAGE_FIRST, min_layer_group_bytes=0, run_call_bytes=0
+    )
     a_host, b_host = (alloc_slots(host.allocator, 4, 3, shuffle=False) for _ in range(2))
     a_dev, b_dev = (alloc_slots(device.allocator, 4, 3, shuffle=False) for _ in range(2))
     async with engine.load_layers(a_host, a_dev) as a, engine.load_layers(b_host, b_dev) as b:
@@ -187,7 +191,7 @@ async def test_cancelled_backup_finishes_the_chunk_in_flight_and_leaks_nothing()
 async def test_cancelled_load_stops_between_layers_and_leaves_nothing_running() -> None:
     layout = KVLayout(num_layers=16, num_kv_heads=8, head_dim=128, page_size=16)
     device, host, engine = make(
-        layout, HostLayout.LAYER_FIRST, device_pages=64, min_layer_group_bytes=0
+        layout, HostLayout.LAYER_FIRST, device_pages=64, min_layer_group_bytes=0, run_call_bytes=0
     )
     start = (device.allocator.available, host.allocator.available)
     src = alloc_slots(host.allocator, 16, 64, shuffle=True)
