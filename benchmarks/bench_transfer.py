@@ -249,7 +249,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     nbytes = (64 if args.quick else args.mib) * MiB
-    reps = 2 if args.quick else 3
+    reps = 2 if args.quick else 5
     orders = ["runs"] if args.quick else ["runs", "scattered"]
     results: dict[str, Any] = {
         "device": str(device),

@@ -15,6 +15,7 @@ from hicache_async.memory.device_pool import DeviceKVPool
 from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.transfer.base import TransferEngine
 from hicache_async.transfer.cpu import CpuTransferEngine
+from hicache_async.transfer.cuda import CudaTransferEngine
 from hicache_async.transfer.poller import EventPoller
 
 __all__ = ["make_transfer_engine", "resolve_io_backend"]
@@ -40,7 +41,5 @@ def make_transfer_engine(
     """
     resolve_io_backend(io_backend)
     if device_pool.device.type == "cuda":
-        from hicache_async.transfer.cuda import CudaTransferEngine
-
         return CudaTransferEngine(device_pool, host_pool, poller, **options)
     return CpuTransferEngine(device_pool, host_pool, **options)
