@@ -230,3 +230,27 @@ async def test_a_failing_copy_is_a_transfer_error(monkeypatch) -> None:
         await engine.load(dst, src)
     assert engine.stats.failed == 2
     assert not engine._inflight
+
+
+async def test_concurrent_backups_share_the_limiter() -> None:
+    layout = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, page_size=16)  # 256 KiB/page
+    device, host, engine = make(layout, HostLayout.PAGE_FIRST, device_pages=32, threads=2)
+    randomize(device.kv, seed=10)
+    jobs = [
+        (
+            alloc_slots(device.allocator, 16, 8, shuffle=True, seed=i),
+            alloc_slots(host.allocator, 16, 8, shuffle=True, seed=i + 10),
+        )
+        for i in range(4)
+    ]
+    async with anyio.create_task_group() as tg:
+        for src, dst in jobs:
+            tg.start_soon(engine.backup, src, dst)
+    for src, dst in jobs:
+        for i, page in enumerate((dst[::16] // 16).tolist()):
+            want = device.kv[:, :, src[16 * i : 16 * i + 16]]
+            assert torch.equal(bits(host.buffer[page]), bits(want))
+    stats = engine.stats.as_dict()
+    assert stats["backups"] == 4
+    assert stats["backup_bytes"] == 32 * layout.bytes_per_page
+    assert engine.limiter.borrowed_tokens == 0

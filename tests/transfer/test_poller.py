@@ -123,3 +123,22 @@ async def test_stopping_the_poller_releases_waiters() -> None:
         await anyio.sleep(0.01)
         inner.cancel_scope.cancel()
     assert len(errors) == 1
+
+
+async def test_waits_for_torch_distributed_work() -> None:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    store = dist.HashStore()
+    group = dist.ProcessGroupGloo(store, 0, 1)
+    try:
+        tensor = torch.ones(1 << 16)
+        work = group.allreduce([tensor])
+        async with EventPoller.open() as poller:
+            await poller.wait(work)
+        assert work.is_completed()
+        assert float(tensor[0]) == 1.0
+    finally:
+        del group
