@@ -37,9 +37,16 @@ from hicache_async.errors import ClosedError
 
 __all__ = ["Completion", "EventPoller", "is_complete"]
 
-Completion: TypeAlias = "torch.cuda.Event | concurrent.futures.Future[Any] | Callable[[], bool]"
+Completion: TypeAlias = (
+    "torch.cuda.Event | torch.distributed.Work | concurrent.futures.Future[Any] "
+    "| Callable[[], bool]"
+)
 """What :meth:`EventPoller.wait` accepts: a CUDA event, a future, a distributed work handle
 (``torch.distributed.Work``), or a plain callable that says whether the work is done."""
+
+
+# torch builds without distributed support have no Work class.
+_WORK: tuple[type, ...] = (torch.distributed.Work,) if torch.distributed.is_available() else ()
 
 
 def _probe(obj: object) -> Callable[[], bool]:
@@ -48,8 +55,8 @@ def _probe(obj: object) -> Callable[[], bool]:
         return obj.query
     if isinstance(obj, concurrent.futures.Future):
         return obj.done
-    if isinstance(obj, torch.distributed.Work):
-        return obj.is_completed
+    if _WORK and isinstance(obj, _WORK):
+        return cast("torch.distributed.Work", obj).is_completed
     if callable(obj):
         return cast("Callable[[], bool]", obj)
     raise TypeError(
@@ -65,7 +72,8 @@ def raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     error of the block into an ``ExceptionGroup`` their callers do not expect.
     """
     if len(group.exceptions) == 1:
-        raise group.exceptions[0] from None
+        error = group.exceptions[0]
+        raise error from error.__cause__  # keeps its own cause; hides the wrapping group
     raise group
 
 

@@ -254,3 +254,15 @@ async def test_concurrent_backups_share_the_limiter() -> None:
     assert stats["backups"] == 4
     assert stats["backup_bytes"] == 32 * layout.bytes_per_page
     assert engine.limiter.borrowed_tokens == 0
+
+
+async def test_an_error_inside_load_layers_comes_out_unwrapped_and_leaves_no_copy() -> None:
+    device, host, engine = make(MHA, HostLayout.PAGE_FIRST, inline_bytes=0)
+    src = alloc_slots(host.allocator, 4, 4, shuffle=False)
+    dst = alloc_slots(device.allocator, 4, 4, shuffle=False)
+    with pytest.raises(ValueError, match="model failed"):
+        async with engine.load_layers(src, dst) as ticket:
+            await ticket.layer_ready(0)
+            raise ValueError("model failed")
+    assert engine.limiter.borrowed_tokens == 0
+    assert not engine._inflight

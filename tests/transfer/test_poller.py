@@ -142,3 +142,13 @@ async def test_waits_for_torch_distributed_work() -> None:
         assert float(tensor[0]) == 1.0
     finally:
         del group
+
+
+async def test_errors_in_the_block_come_out_unwrapped() -> None:
+    with pytest.raises(ValueError, match="boom") as info:
+        async with EventPoller.open():
+            try:
+                raise KeyError("cause")
+            except KeyError as exc:
+                raise ValueError("boom") from exc
+    assert isinstance(info.value.__cause__, KeyError)
