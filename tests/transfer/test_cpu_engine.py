@@ -260,9 +260,13 @@ async def test_an_error_inside_load_layers_comes_out_unwrapped_and_leaves_no_cop
     device, host, engine = make(MHA, HostLayout.PAGE_FIRST, inline_bytes=0)
     src = alloc_slots(host.allocator, 4, 4, shuffle=False)
     dst = alloc_slots(device.allocator, 4, 4, shuffle=False)
-    with pytest.raises(ValueError, match="model failed"):
+
+    async def model_fails() -> None:
         async with engine.load_layers(src, dst) as ticket:
             await ticket.layer_ready(0)
             raise ValueError("model failed")
+
+    with pytest.raises(ValueError, match="model failed"):
+        await model_fails()
     assert engine.limiter.borrowed_tokens == 0
     assert not engine._inflight

@@ -145,10 +145,13 @@ async def test_waits_for_torch_distributed_work() -> None:
 
 
 async def test_errors_in_the_block_come_out_unwrapped() -> None:
-    with pytest.raises(ValueError, match="boom") as info:
+    async def fail_inside() -> None:
         async with EventPoller.open():
             try:
                 raise KeyError("cause")
             except KeyError as exc:
                 raise ValueError("boom") from exc
+
+    with pytest.raises(ValueError, match="boom") as info:
+        await fail_inside()
     assert isinstance(info.value.__cause__, KeyError)
