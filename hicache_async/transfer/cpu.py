@@ -56,6 +56,7 @@ class _CpuLoadTicket(LoadTicket):
             raise LayoutError(f"layer {layer} is outside [0, {self.num_layers})")
         while self._ready <= layer:
             if self._error is not None:
+                await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller sees that
                 raise TransferError(f"layer {layer} never arrived: {self._error}") from self._error
             await self._changed.wait()
 

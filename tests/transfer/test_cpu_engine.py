@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 import torch
 
@@ -159,19 +160,27 @@ async def test_cancelled_backup_finishes_the_chunk_in_flight_and_leaks_nothing()
     dst = alloc_slots(host.allocator, 16, 128, shuffle=False)
     host.buffer.zero_()
     committed = False
-    with anyio.move_on_after(0.002) as scope:
-        try:  # reserve -> move -> commit, or roll back
-            await engine.backup(src, dst)
-            committed = True
-        finally:
-            if not committed:
-                # The thread is done: nothing writes the host pages once backup() has left.
-                snapshot = host.buffer.clone()
-                with anyio.CancelScope(shield=True):
-                    await anyio.sleep(0.02)
-                assert torch.equal(bits(host.buffer), bits(snapshot))
-            device.allocator.free(src[::16] // 16)
-            host.allocator.free(dst[::16] // 16)
+
+    async def cancel_once_copying(scope: anyio.CancelScope) -> None:
+        while engine.limiter.borrowed_tokens == 0:  # until the first chunk's thread runs
+            await anyio.lowlevel.checkpoint()
+        scope.cancel()
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_once_copying, scope)
+            try:  # reserve -> move -> commit, or roll back
+                await engine.backup(src, dst)
+                committed = True
+            finally:
+                if not committed:
+                    # The thread is done: nothing writes the host pages once backup() left.
+                    snapshot = host.buffer.clone()
+                    with anyio.CancelScope(shield=True):
+                        await anyio.sleep(0.02)
+                    assert torch.equal(bits(host.buffer), bits(snapshot))
+                device.allocator.free(src[::16] // 16)
+                host.allocator.free(dst[::16] // 16)
     assert scope.cancelled_caught
     assert not committed
     assert engine.limiter.borrowed_tokens == 0
@@ -197,9 +206,11 @@ async def test_cancelled_load_stops_between_layers_and_leaves_nothing_running() 
     src = alloc_slots(host.allocator, 16, 64, shuffle=True)
     dst = alloc_slots(device.allocator, 16, 64, shuffle=True)
     tickets = []
-    with anyio.move_on_after(0.003) as scope:
+    with anyio.CancelScope() as scope:
         async with engine.load_layers(src, dst) as ticket:
             tickets.append(ticket)
+            await ticket.layer_ready(0)
+            scope.cancel()  # while later layers still copy
             await ticket.done()
     assert scope.cancelled_caught
     assert engine.limiter.borrowed_tokens == 0
