@@ -82,6 +82,10 @@ class TransferEngine(ABC):
         self.stats = TransferStats()
         self._inflight: list[LoadTicket] = []
 
+    def statistics(self) -> dict[str, int]:
+        """The engine's counters plus the loads in flight now (for metrics)."""
+        return {**self.stats.as_dict(), "loads_in_flight": len(self._inflight)}
+
     @abstractmethod
     async def backup(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> None:
         """Copy the pages of ``device_slots`` into those of ``host_slots`` (L1 -> L2)."""

@@ -134,6 +134,10 @@ class EventPoller:
         """Completion objects being waited for right now."""
         return len(self._pending)
 
+    def statistics(self) -> dict[str, int]:
+        """Pending waits, polling rounds and completions seen so far (for metrics)."""
+        return {"pending": self.pending, "polls": self.polls, "completions": self.completions}
+
     def close(self) -> None:
         """Stop accepting waits; :meth:`run` returns once the pending ones have completed."""
         self._closed = True

@@ -261,7 +261,8 @@ async def test_concurrent_backups_share_the_limiter() -> None:
         for i, page in enumerate((dst[::16] // 16).tolist()):
             want = device.kv[:, :, src[16 * i : 16 * i + 16]]
             assert torch.equal(bits(host.buffer[page]), bits(want))
-    stats = engine.stats.as_dict()
+    stats = engine.statistics()
+    assert stats["loads_in_flight"] == 0
     assert stats["backups"] == 4
     assert stats["backup_bytes"] == 32 * layout.bytes_per_page
     assert engine.limiter.borrowed_tokens == 0
