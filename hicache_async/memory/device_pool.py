@@ -40,6 +40,9 @@ class DeviceKVPool:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.layout = layout
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # Tensors report "cuda:N": compare devices with the index filled in.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.page_size = layout.page_size
         self.num_pages = num_pages
         self.total_pages = num_pages + 1  # page 0 is padding
