@@ -27,7 +27,7 @@ demo: run
 lint: $(STAMP)         ## ruff and mypy --strict
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict hicache_async
+	$(BIN)/mypy --strict hicache_async backends/hicache_file backends/hicache_memory backends/hicache_redis
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,1 @@
+"""The Redis L3 backend (``redis``); placeholder until its module lands."""
