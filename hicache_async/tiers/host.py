@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from hicache_async.events import BlockRemoved, EventHub, StorageMedium
+from hicache_async.events import EventHub, StorageMedium
 from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.memory.slots import pages_to_slots, slots_to_pages
-from hicache_async.radix import RadixTree, TreeNode
+from hicache_async.radix import RadixTree
+from hicache_async.tiers._events import removed_event
 
-__all__ = ["HostTier", "removed_events"]
-
-
-def removed_events(tree: RadixTree, nodes: list[TreeNode], medium: StorageMedium) -> BlockRemoved:
-    """One ``BlockRemoved`` for the pages of ``nodes`` (hashes computed only now)."""
-    hashes = [h for node in nodes for h in tree.page_hashes(node)]
-    return BlockRemoved(tuple(hashes), medium)
+__all__ = ["HostTier"]
 
 
 class HostTier:
@@ -46,7 +41,7 @@ class HostTier:
         if result.host_indices.numel():
             self.free(result.host_indices)
         if result.removed and self.hub.active:
-            self.hub.emit([removed_events(self.tree, result.removed, StorageMedium.CPU_PINNED)])
+            self.hub.emit([removed_event(self.tree, result.removed, StorageMedium.CPU_PINNED)])
         self.evicted_pages += result.num_pages
         return result.num_pages
 

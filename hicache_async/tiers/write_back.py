@@ -17,10 +17,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
-import numpy as np
 import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -28,6 +27,7 @@ from hicache_async.events import BlockStored, EventHub, StorageMedium
 from hicache_async.metrics import Counters, Transition
 from hicache_async.radix import RadixTree, TreeNode
 from hicache_async.storage import HiCacheStorage
+from hicache_async.tiers._events import stored_event
 
 __all__ = ["WriteBack", "WriteJob"]
 
@@ -41,9 +41,7 @@ class WriteJob:
     node: TreeNode
     keys: list[str]  # chained page hashes, one per page
     host_slots: torch.Tensor  # token slots of the host pool, whole pages
-    parent_hash: str | None
-    token_ids: tuple[int, ...]
-    extra_key: str | None
+    event: BlockStored | None  # captured now (the node may split later); None: nobody listens
 
 
 def _leading(flags: list[bool]) -> int:
@@ -100,22 +98,11 @@ class WriteBack:
         """Queue ``node``'s pages for L3 (call on the loop once its host copy is valid)."""
         if node.host_indices is None or not node.state.host_valid:
             raise ValueError(f"{node!r} has no valid host copy to write back")
-        keys = self.tree.page_hashes(node)
-        parent = node.parent
-        parent_hash = None
-        if parent is not None and parent.parent is not None:
-            parent_hashes = self.tree.page_hashes(parent)
-            parent_hash = parent_hashes[-1] if parent_hashes else None
         job = WriteJob(
             node=node,
-            keys=list(keys),
+            keys=list(self.tree.page_hashes(node)),
             host_slots=node.host_indices,
-            parent_hash=parent_hash,
-            # Events carry token ids; build them only when someone listens.
-            token_ids=tuple(np.frombuffer(node.key, dtype="<i4").tolist())
-            if self.hub.active
-            else (),
-            extra_key=self.tree.namespace(node),
+            event=stored_event(self.tree, node, self.medium) if self.hub.active else None,
         )
         self.tree.lock_host(node)
         try:
@@ -192,23 +179,20 @@ class WriteBack:
                     stored = _leading(flags)
                     if self._agree is not None:
                         stored = await self._agree(stored)
-                    if stored:
-                        self._emit(job, stored)
+                    if stored and job.event is not None:
+                        self._emit(job.event, stored)
                 finally:
                     self.pending_pages -= len(job.keys)
                     self.tree.unlock_host(job.node)
 
-    def _emit(self, job: WriteJob, pages: int) -> None:
+    def _emit(self, event: BlockStored, pages: int) -> None:
         size = self.tree.page_size
         self.hub.emit(
             [
-                BlockStored(
-                    block_hashes=tuple(job.keys[:pages]),
-                    parent_block_hash=job.parent_hash,
-                    token_ids=job.token_ids[: pages * size],
-                    block_size=size,
-                    medium=self.medium,
-                    extra_key=job.extra_key,
+                replace(
+                    event,
+                    block_hashes=event.block_hashes[:pages],
+                    token_ids=event.token_ids[: pages * size],
                 )
             ]
         )

@@ -1,0 +1,77 @@
+"""Backup (L1 -> L2): copy a device node's pages to the host, then maybe on to L3.
+
+reserve: host pages (evicting L2), the node device-locked and ``BACKING_UP``. move: the D2H
+copy. commit: ``BOTH``, ``BlockStored(CPU_PINNED)``, unlock, hand the node to the write-back.
+rollback: free the host pages, ``DEVICE`` again, unlock.
+Commit and rollback cover the whole reserved span even if an insert split the node meanwhile
+(see :func:`~hicache_async.tiers._span.span_chain`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from hicache_async.events import EventHub, StorageMedium
+from hicache_async.metrics import Counters, Transition
+from hicache_async.radix import NodeState, RadixTree, TreeNode
+from hicache_async.tiers._events import stored_event
+from hicache_async.tiers._span import span_chain
+from hicache_async.tiers.copy import CopyEngine
+from hicache_async.tiers.host import HostTier
+from hicache_async.tiers.write_back import WriteBack
+
+__all__ = ["Backup"]
+
+
+class Backup:
+    """Runs backups; each one is a complete reserve -> move -> commit or rollback."""
+
+    def __init__(
+        self,
+        tree: RadixTree,
+        host: HostTier,
+        engine: CopyEngine,
+        counters: Counters,
+        hub: EventHub,
+        *,
+        write_back: WriteBack | None = None,
+    ) -> None:
+        self.tree, self.host, self.engine = tree, host, engine
+        self.counters, self.hub = counters, hub
+        self.write_back = write_back
+        self.skipped = 0  # no host pages could be reserved
+
+    async def backup(self, node: TreeNode) -> bool:
+        """Back ``node`` up to L2; False when it needs none or L2 has no room."""
+        if node.state is not NodeState.DEVICE or node.device_indices is None:
+            return False
+        tokens = node.num_tokens
+        slots = self.host.reserve(tokens // self.tree.page_size)
+        if slots is None:
+            self.skipped += 1
+            return False
+        device_slots = node.device_indices
+        self.tree.start_backup(node, slots)
+        self.tree.lock(node)
+        start = time.perf_counter()
+        try:
+            await self.engine.backup(device_slots, slots)
+        except BaseException:
+            self.tree.unlock(node)
+            for part in span_chain(node, tokens):
+                self.host.free(self.tree.cancel_backup(part))
+            self.counters.transitions[Transition.BACKUP].failures += 1
+            raise
+        chain = span_chain(node, tokens)
+        for part in chain:
+            self.tree.finish_backup(part)
+        self.tree.unlock(node)
+        pages = tokens // self.tree.page_size
+        nbytes = pages * self.host.pool.bytes_per_page
+        self.counters.transitions[Transition.BACKUP].add(pages, nbytes, time.perf_counter() - start)
+        if self.hub.active:
+            self.hub.emit([stored_event(self.tree, p, StorageMedium.CPU_PINNED) for p in chain])
+        if self.write_back is not None:
+            for part in chain:
+                self.write_back.submit(part)
+        return True
