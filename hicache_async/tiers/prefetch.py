@@ -131,6 +131,24 @@ class Prefetcher:
             self.counters.prefetch_skipped += 1
             return PrefetchResult(PrefetchOutcome.SKIPPED)
         self.counters.prefetch_issued += 1
+        # The new pages hang below the matched path: keep it in the tree until they do.
+        self.tree.lock(match.last_device_node)
+        self.tree.lock_host(match.last_host_node)
+        try:
+            return await self._fetch(key, matched, parent_hash, keys, deadline_s, control)
+        finally:
+            self.tree.unlock_host(match.last_host_node)
+            self.tree.unlock(match.last_device_node)
+
+    async def _fetch(
+        self,
+        key: RadixKey,
+        matched: int,
+        parent_hash: str | None,
+        keys: list[str],
+        deadline_s: float | None,
+        control: PrefetchControl | None,
+    ) -> PrefetchResult:
         found = await self._agreed(await self.storage.batch_exists(keys))
         if found == 0:
             return PrefetchResult(PrefetchOutcome.MISS)
