@@ -1,0 +1,366 @@
+"""The ``HiCache`` facade: builds the tiers, runs their background tasks, hands out sessions.
+
+```python
+async with HiCache.open(config) as cache:
+    async with cache.session(tokens) as s:
+        ...
+```
+
+Everything the index owns is touched on the event loop thread only. The background tasks (the
+event poller, the backup worker, the write-back pipeline, the KV event publisher) live in one
+task group owned by the cache: leaving the ``async with`` block drains them for up to
+``drain_timeout`` seconds, cancels what is left, and closes the L3 backend.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import warnings
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import torch
+import torch.distributed as dist
+from anyio.abc import TaskGroup
+
+from hicache_async.config import HiCacheConfig, WritePolicy
+from hicache_async.errors import ClosedError, HiCacheError
+from hicache_async.events import EventHub, EventStream, StorageMedium
+from hicache_async.memory.host_pool import HostKVPool
+from hicache_async.metrics import (
+    CacheStats,
+    Counters,
+    QueueStats,
+    StorageStats,
+    Tier,
+    TierStats,
+)
+from hicache_async.radix import TOKEN_BYTES, MatchResult, NodeState, RadixKey, RadixTree, TreeNode
+from hicache_async.radix import Tier as RadixTier
+from hicache_async.session import Session
+from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, create_storage
+from hicache_async.tiers._l1 import build_l1
+from hicache_async.tiers.backup import Backup
+from hicache_async.tiers.consensus import RankConsensus
+from hicache_async.tiers.device import DeviceTier
+from hicache_async.tiers.host import HostTier
+from hicache_async.tiers.load import Load
+from hicache_async.tiers.prefetch import Prefetcher
+from hicache_async.tiers.write_back import WriteBack
+
+__all__ = ["CacheState", "HiCache"]
+
+log = logging.getLogger(__name__)
+
+
+class CacheState(enum.Enum):
+    """Lifecycle of a cache."""
+
+    NEW = "new"  # built; background tasks not started
+    OPEN = "open"  # serving
+    CLOSING = "closing"  # draining background work; new sessions are refused
+    CLOSED = "closed"  # tasks stopped, backend closed; every call raises ClosedError
+
+
+class HiCache:
+    """A hierarchical KV cache on the caller's event loop. Open it with :meth:`open`."""
+
+    def __init__(
+        self,
+        config: HiCacheConfig,
+        *,
+        storage: HiCacheStorage | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        model_name: str | None = None,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self.config = config
+        self.layout = config.layout
+        self.page_size = config.layout.page_size
+        self.token_bytes = TOKEN_BYTES
+        self.drain_timeout = drain_timeout
+        self.state = CacheState.NEW
+        self.counters = Counters()
+        self.hub = EventHub()
+        device = config.resolve_device()
+        self.tree = RadixTree(self.page_size, config.eviction_policy, device=device)
+        self.l1 = build_l1(config, device)
+        self.device_pool = self.l1.pool
+        self.host_pool: HostKVPool | None = None
+        self.host_tier: HostTier | None = None
+        if config.host_enabled:
+            self.host_pool = HostKVPool(
+                self.layout, config.resolved_host_pages, config.host_layout
+            )
+            self.host_tier = HostTier(self.tree, self.host_pool, self.hub)
+        self.device_tier = DeviceTier(
+            self.tree,
+            self.l1.allocator,
+            self.page_size,
+            self.hub,
+            host_allocator=self.host_pool.allocator if self.host_pool else None,
+        )
+        self.consensus = RankConsensus(process_group) if process_group is not None else None
+        agree = self.consensus.agree if self.consensus is not None else None
+        self.storage = storage
+        if self.storage is None and config.storage_enabled:
+            rank = dist.get_rank(process_group) if process_group is not None else 0
+            size = dist.get_world_size(process_group) if process_group is not None else 1
+            self.storage = create_storage(
+                config.storage_backend,
+                HiCacheStorageConfig(
+                    tp_rank=rank,
+                    tp_size=size,
+                    is_mla_model=self.layout.use_mla,
+                    is_page_first_layout=self.host_pool is not None
+                    and self.host_pool.is_page_first,
+                    model_name=model_name,
+                    extra_config=config.storage_options,
+                ),
+            )
+        self.write_back: WriteBack | None = None
+        self.prefetcher: Prefetcher | None = None
+        if self.storage is not None:
+            if self.host_pool is None or self.host_tier is None:
+                raise HiCacheError("L3 storage needs an L2 host pool")
+            self.storage.register_mem_pool_host(self.host_pool)
+            medium = (
+                StorageMedium.DISK if config.storage_backend == "file" else StorageMedium.EXTERNAL
+            )
+            self.write_back = WriteBack(
+                self.tree, self.storage, self.counters, self.hub, medium=medium, agree=agree
+            )
+            self.prefetcher = Prefetcher(
+                self.tree,
+                self.host_tier,
+                self.storage,
+                self.counters,
+                self.hub,
+                threshold_tokens=config.prefetch_threshold,
+                capacity_pages=config.resolved_prefetch_capacity_pages,
+                agree=agree,
+            )
+        self.backup: Backup | None = None
+        self.loader = Load(
+            self.tree,
+            self.device_tier,
+            self.l1.engine,
+            self.counters,
+            self.hub,
+            bytes_per_page=self.layout.bytes_per_page,
+        )
+        if self.host_tier is not None:
+            self.backup = Backup(
+                self.tree,
+                self.host_tier,
+                self.l1.engine,
+                self.counters,
+                self.hub,
+                write_back=self.write_back,
+            )
+        send, receive = anyio.create_memory_object_stream[TreeNode](max_buffer_size=1024)
+        self._backups = (send, receive)
+        self.backups_dropped = 0
+        self._idle: dict[str, anyio.Event] = {}  # set when a worker drained its queue
+        self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: HiCacheConfig, **options: Any) -> AsyncIterator[HiCache]:
+        """Build a cache, start its background tasks, and close it when the block ends."""
+        async with cls(config, **options) as cache:
+            yield cache
+
+    async def __aenter__(self) -> Self:
+        if self.state is not CacheState.NEW:
+            raise HiCacheError(f"a cache is opened once; this one is {self.state.value}")
+        self._idle = {"backup": anyio.Event(), "write_back": anyio.Event()}
+        if self.write_back is None:
+            self._idle["write_back"].set()
+        async with AsyncExitStack() as stack:
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            await self.l1.start(self._tg)
+            self._tg.start_soon(self._backup_worker)
+            if self.write_back is not None:
+                self._tg.start_soon(self._write_back_worker)
+            if self.config.kv_events is not None and self.config.kv_events.publisher == "zmq":
+                from hicache_async.kv_publisher import ZmqEventPublisher
+
+                await stack.enter_async_context(
+                    ZmqEventPublisher.open(self.config.kv_events, self.hub)
+                )
+            self._stack = stack.pop_all()
+        self.state = CacheState.OPEN
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Drain background work (up to ``drain_timeout``), cancel the rest, close L3.
+
+        Idempotent; completes even when the caller is cancelled."""
+        if self.state in (CacheState.CLOSING, CacheState.CLOSED) or self._stack is None:
+            self.state = CacheState.CLOSED
+            return
+        self.state = CacheState.CLOSING
+        stack, self._stack = self._stack, None
+        with anyio.CancelScope(shield=True):
+            self._backups[0].close()
+            if self.write_back is not None:
+                self.write_back.close()
+            with anyio.move_on_after(self.drain_timeout):
+                for idle in self._idle.values():
+                    await idle.wait()
+            assert self._tg is not None
+            self._tg.cancel_scope.cancel()
+            try:
+                await stack.aclose()
+            finally:
+                if self.storage is not None:
+                    await self.storage.aclose()
+                self.hub.close()
+                self.state = CacheState.CLOSED
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "state", None) is CacheState.OPEN:
+            _warn(f"{self!r} was never closed", ResourceWarning, stacklevel=1, source=self)
+
+    def _check_open(self) -> None:
+        if self.state is not CacheState.OPEN:
+            raise ClosedError(f"the cache is {self.state.value}; open it with HiCache.open()")
+
+    @property
+    def _task_group(self) -> TaskGroup:
+        self._check_open()
+        assert self._tg is not None
+        return self._tg
+
+    # -- requests -------------------------------------------------------------------------
+
+    def key(self, tokens: Sequence[int] | torch.Tensor, extra_key: str | None = None) -> RadixKey:
+        """The radix key of a prompt (tokens as a list, array or integer tensor)."""
+        return RadixKey(tokens, extra_key)
+
+    def session(
+        self,
+        tokens: Sequence[int] | torch.Tensor,
+        extra_key: str | None = None,
+        *,
+        priority: int = 0,
+    ) -> Session:
+        """A request's session: ``async with cache.session(tokens) as s: ...``."""
+        self._check_open()
+        return Session(self, self.key(tokens, extra_key), priority)
+
+    def events(self, max_batches: int = 10_000) -> EventStream:
+        """A bounded stream of KV event batches from now on (``async with`` it to close)."""
+        return self.hub.subscribe(max_batches)
+
+    # -- the lower level (for frameworks with their own scheduler) -------------------------
+
+    def match_prefix(self, key: RadixKey) -> MatchResult:
+        """The longest cached prefix of ``key`` (device part, then host part)."""
+        self._check_open()
+        return self.tree.match_prefix(key)
+
+    def _after_insert(self, key: RadixKey) -> None:
+        """Schedule backups per the write policy after ``key`` was inserted."""
+        policy = self.config.write_policy
+        if self.backup is None or policy is WritePolicy.WRITE_BACK:
+            return
+        match = self.tree.match_prefix(key)
+        node: TreeNode | None = match.last_device_node
+        todo = []
+        while node is not None and node.parent is not None:
+            if node.state is NodeState.DEVICE and (
+                policy is WritePolicy.WRITE_THROUGH or node.hit_count >= 2
+            ):
+                todo.append(node)
+            node = node.parent
+        for node in reversed(todo):  # parents first: a prefix is useful without its suffix
+            try:
+                self._backups[0].send_nowait(node)
+            except anyio.WouldBlock:
+                self.backups_dropped += 1
+
+    async def _backup_worker(self) -> None:
+        try:
+            async with self._backups[1]:
+                async for node in self._backups[1]:
+                    if self.backup is not None and node.state is NodeState.DEVICE:
+                        await self.backup.backup(node)
+        finally:
+            self._idle["backup"].set()
+
+    async def _write_back_worker(self) -> None:
+        assert self.write_back is not None
+        try:
+            await self.write_back.run()
+        finally:
+            self._idle["write_back"].set()
+
+    # -- numbers --------------------------------------------------------------------------
+
+    def stats(self) -> CacheStats:
+        """A JSON-ready snapshot of hits, occupancy, transitions, queues and faults."""
+        ps = self.page_size
+        tree = self.tree
+        occupancy = {
+            Tier.DEVICE: TierStats(
+                capacity_pages=self.l1.allocator.usable,
+                used_pages=self.l1.allocator.used,
+                locked_pages=tree.protected_size(RadixTier.DEVICE) // ps,
+                evictable_pages=tree.evictable_size(RadixTier.DEVICE) // ps,
+            )
+        }
+        if self.host_pool is not None:
+            occupancy[Tier.HOST] = TierStats(
+                capacity_pages=self.host_pool.allocator.usable,
+                used_pages=self.host_pool.allocator.used,
+                locked_pages=tree.protected_size(RadixTier.HOST) // ps,
+                evictable_pages=tree.evictable_size(RadixTier.HOST) // ps,
+            )
+        queues = {
+            "backup": QueueStats(
+                depth=self._backups[1].statistics().current_buffer_used,
+                capacity=int(self._backups[1].statistics().max_buffer_size),
+            )
+        }
+        storage = StorageStats()
+        if self.write_back is not None:
+            queues["write_back"] = QueueStats(
+                depth=self.write_back.depth, capacity=self.write_back.capacity
+            )
+        if self.storage is not None:
+            errors = self.storage.stats.errors
+            storage = StorageStats(
+                errors=self.storage.stats.error_count, corrupt_pages=errors.get("corrupt", 0)
+            )
+        snapshot = CacheStats.from_counters(
+            self.counters,
+            occupancy,
+            queues=queues,
+            events_published=self.hub.published,
+            events_dropped=self.hub.dropped,
+        )
+        return snapshot.model_copy(update={"storage": storage})
+
+    def __repr__(self) -> str:
+        return (
+            f"HiCache(state={self.state.value}, device_pages={self.config.device_pages}, "
+            f"host_pages={self.config.resolved_host_pages}, "
+            f"storage={self.config.storage_backend!r})"
+        )
