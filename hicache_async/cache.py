@@ -93,9 +93,7 @@ class HiCache:
         self.host_pool: HostKVPool | None = None
         self.host_tier: HostTier | None = None
         if config.host_enabled:
-            self.host_pool = HostKVPool(
-                self.layout, config.resolved_host_pages, config.host_layout
-            )
+            self.host_pool = HostKVPool(self.layout, config.resolved_host_pages, config.host_layout)
             self.host_tier = HostTier(self.tree, self.host_pool, self.hub)
         self.device_tier = DeviceTier(
             self.tree,

@@ -5,9 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 from hicache_async.events import BlockRemoved, BlockStored, StorageMedium
-from hicache_async.radix import RadixTree, TreeNode
+from hicache_async.radix import TOKEN_BYTES, RadixTree, TreeNode
 
-__all__ = ["removed_event", "stored_event"]
+__all__ = ["removed_event", "stored_event", "token_list"]
+
+_TOKEN = np.dtype(f"<i{TOKEN_BYTES}")
+
+
+def token_list(data: bytes) -> list[int]:
+    """Token ids of radix key bytes, as Python ints (for events only)."""
+    ids: list[int] = np.frombuffer(data, dtype=_TOKEN).tolist()
+    return ids
 
 
 def stored_event(tree: RadixTree, node: TreeNode, medium: StorageMedium) -> BlockStored:
@@ -20,7 +28,7 @@ def stored_event(tree: RadixTree, node: TreeNode, medium: StorageMedium) -> Bloc
     return BlockStored(
         block_hashes=tuple(tree.page_hashes(node)),
         parent_block_hash=parent_hash,
-        token_ids=tuple(np.frombuffer(node.key, dtype="<i4").tolist()),
+        token_ids=tuple(token_list(node.key)),
         block_size=tree.page_size,
         medium=medium,
         extra_key=tree.namespace(node),

@@ -17,13 +17,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
-import numpy as np
 import torch
 
 from hicache_async.events import BlockStored, EventHub, StorageMedium
 from hicache_async.metrics import Counters, Transition
-from hicache_async.radix import MatchResult, RadixKey, RadixTree, hash_pages
+from hicache_async.radix import TOKEN_BYTES, MatchResult, RadixKey, RadixTree, hash_pages
 from hicache_async.storage import HiCacheStorage
+from hicache_async.tiers._events import token_list
 from hicache_async.tiers.host import HostTier
 
 __all__ = ["PrefetchControl", "PrefetchOutcome", "PrefetchResult", "Prefetcher"]
@@ -109,7 +109,7 @@ class Prefetcher:
         if matched:
             hashes = self.tree.page_hashes(match.last_host_node)
             parent_hash = hashes[-1] if hashes else None
-        data = key.data[matched * 4 : len(key) // size * size * 4]
+        data = key.data[matched * TOKEN_BYTES : len(key) // size * size * TOKEN_BYTES]
         extra = key.extra_key if matched == 0 else None
         return matched, parent_hash, hash_pages(data, size, extra, parent_hash)
 
@@ -226,7 +226,9 @@ class Prefetcher:
         end = matched + arrived * size
         if arrived:
             full = torch.cat([torch.zeros(matched, dtype=torch.int64), slots[: arrived * size]])
-            present = self.tree.insert_host(RadixKey(key.data[: end * 4], key.extra_key), full)
+            present = self.tree.insert_host(
+                RadixKey(key.data[: end * TOKEN_BYTES], key.extra_key), full
+            )
         else:
             present = matched
         # Pages another request inserted meanwhile, and pages that did not arrive, go back.
@@ -234,7 +236,7 @@ class Prefetcher:
         self.host.free(torch.cat([slots[:dup], slots[arrived * size :]]))
         new_from = dup // size
         if arrived > new_from and self.hub.active:
-            tokens = np.frombuffer(key.data, dtype="<i4")[matched + dup : end].tolist()
+            tokens = token_list(key.data[(matched + dup) * TOKEN_BYTES : end * TOKEN_BYTES])
             parent = keys[new_from - 1] if new_from else parent_hash
             self.hub.emit(
                 [
