@@ -9,6 +9,8 @@ at the high-water mark) are recovered from the worker's replay socket.
 Run it beside caches started with ``kv_events=KVEventsConfig(endpoint=..., replay_endpoint=...)``:
 
     python examples/kv_router.py tcp://127.0.0.1:5557,tcp://127.0.0.1:5558 ...
+
+(one ``live,replay`` endpoint pair per worker).
 """
 
 from __future__ import annotations
