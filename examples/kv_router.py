@@ -126,7 +126,10 @@ async def _replay(index: PrefixIndex, worker: Worker, socket: zmq.Socket[bytes],
 
 
 async def main(argv: Sequence[str]) -> None:  # pragma: no cover - manual use
-    workers = [Worker(f"worker{i}", *pair.split(",")) for i, pair in enumerate(argv)]
+    workers = []
+    for i, pair in enumerate(argv):
+        live, replay = pair.split(",")
+        workers.append(Worker(f"worker{i}", live, replay))
     index = PrefixIndex(workers, page_size=16)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
