@@ -64,8 +64,9 @@ class FileStorage(HiCacheStorage):
 
     async def _read_pages(self, keys: list[str], buffers: list[PageBuffer]) -> list[bool]:
         await self._build_index()
-        digests = [key_digest(k) for k in keys]
-        paths = [self._path(d.hex()) for d in digests]
+        # Digests and paths are computed in the worker threads: that keeps ~1.5 us a page off
+        # the loop, overlapped with the other threads' copies.
+        paths: list[str] = [""] * len(keys)
         found = [False] * len(keys)
         errors: list[BaseException | None] = [None] * len(keys)
         codec = self.codec
@@ -74,8 +75,10 @@ class FileStorage(HiCacheStorage):
             for i in range(lo, hi):
                 if stop.is_set():
                     return
+                digest = key_digest(keys[i])
+                paths[i] = self._path(digest.hex())
                 try:
-                    found[i] = read_page(paths[i], digests[i], buffers[i], codec)
+                    found[i] = read_page(paths[i], digest, buffers[i], codec)
                 except Exception as exc:
                     errors[i] = exc
                     # A page that fails its check is removed, so the key can be written again.
@@ -85,16 +88,15 @@ class FileStorage(HiCacheStorage):
         for i, exc in enumerate(errors):
             if exc is not None:
                 self.stats.record_error(error_kind(exc), exc)
-                if self._index is not None:
+                if self._index is not None and paths[i]:
                     self._index.discard(paths[i])
-            elif found[i] and self._index is not None:
+            elif found[i] and self._index is not None and paths[i]:
                 self._index.touch(paths[i], sum(len(s) for s in buffers[i]) + TRAILER_SIZE)
         return found
 
     async def _write_pages(self, keys: list[str], buffers: list[PageBuffer]) -> list[bool]:
         await self._build_index()
-        digests = [key_digest(k) for k in keys]
-        paths = [self._path(d.hex()) for d in digests]
+        paths: list[str] = [""] * len(keys)
         written: list[bool | None] = [None] * len(keys)  # None: not done (failed or stopped)
         errors: list[BaseException | None] = [None] * len(keys)
         codec, fsync = self.codec, self.file_options.fsync
@@ -103,8 +105,10 @@ class FileStorage(HiCacheStorage):
             for i in range(lo, hi):
                 if stop.is_set():
                     return
+                digest = key_digest(keys[i])
+                paths[i] = self._path(digest.hex())
                 try:
-                    written[i] = write_page(paths[i], digests[i], buffers[i], codec, fsync)
+                    written[i] = write_page(paths[i], digest, buffers[i], codec, fsync)
                 except Exception as exc:
                     errors[i] = exc
 

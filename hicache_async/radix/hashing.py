@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import hashlib
 
-from hicache_async.radix.key import TOKEN_BYTES, TokenIds, tokens_to_bytes
+import numpy as np
+
+from hicache_async.radix.key import RadixInputError, TokenIds, tokens_to_bytes
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 
 __all__ = ["hash_pages", "page_hashes"]
 
@@ -25,10 +29,14 @@ def hash_pages(
     extra_key: str | None = None,
     parent_hash: str | None = None,
 ) -> list[str]:
-    """Hashes of the whole pages of int32-LE token bytes ``data`` (a partial tail is ignored)."""
+    """Hashes of the whole pages of int64-LE token bytes ``data`` (a partial tail is ignored)."""
     if page_size <= 0:
-        raise ValueError(f"page_size must be positive, got {page_size}")
-    step = page_size * TOKEN_BYTES
+        raise RadixInputError(f"page_size must be positive, got {page_size}")
+    ids = np.frombuffer(data, dtype="<i8")
+    if ids.size and (int(ids.min()) < _I32_MIN or int(ids.max()) > _I32_MAX):
+        raise RadixInputError("page hashes need token ids that fit in int32")
+    data = ids.astype("<i4").tobytes()
+    step = page_size * 4
     n = len(data) // step * step
     out: list[str] = []
     sha = hashlib.sha256

@@ -1,12 +1,15 @@
 """Radix keys: token ids stored compactly, plus the namespace they live in.
 
-A :class:`RadixKey` keeps its token ids as int32 little-endian ``bytes``. The tree compares keys
-with ``bytes.startswith`` and dict look-ups on the first page's bytes, so matching runs as C-level
-``memcmp`` with no per-token Python work, and the same bytes feed the SHA-256 page hashes.
+A :class:`RadixKey` keeps its token ids as int64 little-endian ``bytes``: the width every
+framework already hands over (``array('q')``, int64 tensors and numpy arrays), so building a key is
+one ``memcpy`` with no range check. The tree compares keys with ``bytes.startswith`` and dict
+look-ups on the first page's bytes, so matching is C-level ``memcmp`` with no per-token Python
+work. (Page hashes narrow the ids to int32 lazily, off the hot path.)
 """
 
 from __future__ import annotations
 
+import sys
 from array import array
 from collections.abc import Sequence
 from typing import Any, TypeAlias
@@ -18,9 +21,10 @@ from hicache_async.errors import HiCacheError
 
 __all__ = ["TOKEN_BYTES", "RadixInputError", "RadixKey", "TokenIds", "tokens_to_bytes"]
 
-TOKEN_BYTES = 4  # one token id = int32, little-endian
-_I32 = np.dtype("<i4")
-_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+TOKEN_BYTES = 8  # one token id = int64, little-endian
+_I64 = np.dtype("<i8")
+_I64_MAX = 2**63 - 1
+_NATIVE_LE = sys.byteorder == "little"
 
 TokenIds: TypeAlias = "Sequence[int] | array[Any] | np.ndarray[Any, Any] | torch.Tensor | bytes"
 
@@ -33,23 +37,31 @@ class RadixInputError(HiCacheError, ValueError):
 def _from_numpy(a: np.ndarray[Any, Any]) -> bytes:
     if a.ndim != 1:
         raise RadixInputError(f"token ids must be 1-D, got shape {tuple(a.shape)}")
-    if a.dtype == _I32:
+    if a.dtype == _I64:
         return a.tobytes()
     if a.dtype.kind not in "iu":
         raise RadixInputError(f"token ids must be integers, got dtype {a.dtype}")
-    if a.size and a.dtype.itemsize >= 4:
-        lo, hi = int(a.min()), int(a.max())
-        if lo < _I32_MIN or hi > _I32_MAX:
-            raise RadixInputError(f"token ids must fit in int32, got range [{lo}, {hi}]")
-    return a.astype(_I32).tobytes()
+    if a.dtype == np.uint64 and a.size and int(a.max()) > _I64_MAX:
+        raise RadixInputError(f"token ids must fit in int64, got {int(a.max())}")
+    return a.astype(_I64).tobytes()
 
 
 def tokens_to_bytes(token_ids: TokenIds) -> bytes:
-    """Token ids (list, ``array``, numpy array, tensor, or int32-LE bytes) -> int32-LE bytes."""
+    """Token ids (list, ``array``, numpy array, tensor, or int64-LE bytes) -> int64-LE bytes."""
     if isinstance(token_ids, bytes):
         if len(token_ids) % TOKEN_BYTES:
-            raise RadixInputError(f"token bytes must be a multiple of 4 long, got {len(token_ids)}")
+            raise RadixInputError(
+                f"token bytes must be a multiple of {TOKEN_BYTES} long, got {len(token_ids)}"
+            )
         return token_ids
+    if isinstance(token_ids, array):
+        if token_ids.typecode == "q" and _NATIVE_LE:
+            return token_ids.tobytes()  # the common case: one memcpy
+        if token_ids.typecode in "fd":
+            raise RadixInputError(
+                f"token ids must be integers, got array typecode {token_ids.typecode!r}"
+            )
+        return _from_numpy(np.frombuffer(token_ids, dtype=np.dtype(token_ids.typecode)))
     if isinstance(token_ids, np.ndarray):
         return _from_numpy(token_ids)
     if isinstance(token_ids, torch.Tensor):
@@ -58,16 +70,11 @@ def tokens_to_bytes(token_ids: TokenIds) -> bytes:
                 f"token ids must be an integer tensor, got dtype {token_ids.dtype}"
             )
         return _from_numpy(token_ids.detach().cpu().numpy())
-    if isinstance(token_ids, array):
-        if token_ids.typecode in "fd":
-            raise RadixInputError(
-                f"token ids must be integers, got array typecode {token_ids.typecode!r}"
-            )
-        return _from_numpy(np.frombuffer(token_ids, dtype=np.dtype(token_ids.typecode)))
     try:
-        return array("i", token_ids).tobytes()  # 'i' is 4 bytes on every platform torch runs on
+        ids = array("q", token_ids)
     except (TypeError, OverflowError) as exc:
-        raise RadixInputError(f"token ids must be int32 integers: {exc}") from exc
+        raise RadixInputError(f"token ids must be int64 integers: {exc}") from exc
+    return ids.tobytes() if _NATIVE_LE else _from_numpy(np.frombuffer(ids, dtype=np.int64))
 
 
 class RadixKey:
@@ -78,7 +85,7 @@ class RadixKey:
 
     __slots__ = ("data", "extra_key")
 
-    data: bytes  # int32 little-endian token ids
+    data: bytes  # int64 little-endian token ids
     extra_key: str | None
 
     def __init__(self, token_ids: TokenIds, extra_key: str | None = None) -> None:
@@ -102,7 +109,7 @@ class RadixKey:
 
     def token_ids(self) -> list[int]:
         """The token ids as Python ints (for display and KV events; not for hot paths)."""
-        return np.frombuffer(self.data, dtype=_I32).tolist()  # type: ignore[no-any-return]
+        return np.frombuffer(self.data, dtype=_I64).tolist()  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         ids = self.token_ids()

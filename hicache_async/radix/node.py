@@ -7,6 +7,8 @@ from enum import Enum, StrEnum
 
 import torch
 
+from hicache_async.radix.key import TOKEN_BYTES
+
 __all__ = ["EvictResult", "MatchResult", "NodeState", "Tier", "TreeNode"]
 
 
@@ -90,7 +92,7 @@ class TreeNode:
         priority: int = 0,
     ) -> None:
         self.id = node_id  # from the tree's own counter
-        self.key = key  # int32-LE token bytes of this node's span
+        self.key = key  # int64-LE token bytes of this node's span
         self.parent = parent  # None only for a namespace root
         self.children: dict[bytes, TreeNode] = {}  # keyed by the child's first page bytes
         self.state = state
@@ -110,7 +112,7 @@ class TreeNode:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.key) // 4
+        return len(self.key) // TOKEN_BYTES
 
     @property
     def is_root(self) -> bool:

@@ -1,12 +1,14 @@
 """The radix tree over token pages: match, insert, split, lock refs, lazy page hashes.
 
-Synchronous by design: the event loop owns it (no locks, no awaits). Keys are int32-LE bytes;
+Synchronous by design: the event loop owns it (no locks, no awaits). Keys are int64-LE bytes;
 children are keyed by their first page's bytes, and a node's whole span is compared with one
 ``bytes.startswith`` (a ``memcmp``), so neither match nor insert does per-token or per-page Python
 work. Page hashes are computed only when asked for (:meth:`RadixTree.page_hashes`).
 
-Residency invariant: a node whose device copy is valid has a parent that is a root or whose device
-copy is valid too; a loading node's parent holds device slots. Host-only nodes hang below anything.
+Residency invariant: a node that holds device slots (valid or reserved for a load) has a parent
+that is a root or holds device slots too. Host-only nodes hang below anything. A match counts
+device hits only while nodes are device-valid, so nothing below a loading node is a device hit
+until its load finishes.
 Eviction and tier transitions live in :mod:`hicache_async.radix.tiers`; this module is the index.
 """
 
@@ -24,7 +26,7 @@ from hicache_async.radix.policy import EvictionHeap, make_policy
 
 __all__ = ["RadixTreeBase"]
 
-_I32 = np.dtype("<i4")
+_I64 = np.dtype("<i8")
 _DEVICE = NodeState.DEVICE
 _HOST = NodeState.HOST
 _BOTH = NodeState.BOTH
@@ -129,8 +131,8 @@ class RadixTreeBase:
     def _common_tokens(self, child_key: bytes, data: bytes, off: int, end: int) -> int:
         """Whole-page tokens that ``child_key`` shares with ``data[off:end]``."""
         m = min(len(child_key), end - off) // TOKEN_BYTES
-        a = np.frombuffer(child_key, dtype=_I32, count=m)
-        b = np.frombuffer(data, dtype=_I32, count=m, offset=off)
+        a = np.frombuffer(child_key, dtype=_I64, count=m)
+        b = np.frombuffer(data, dtype=_I64, count=m, offset=off)
         diff = np.flatnonzero(a != b)
         first = int(diff[0]) if diff.size else m
         return first - first % self.page_size

@@ -10,17 +10,28 @@ from __future__ import annotations
 
 import abc
 
-import anyio
-import anyio.lowlevel
-
 from hicache_async.errors import CorruptPageError
 from hicache_async.storage._base import HiCacheStorage, PageBuffer
 from hicache_async.storage.codec import TRAILER_SIZE, key_digest
 
 __all__ = ["BlobStorage"]
 
-# Yield to the loop after this many bytes copied, so big batches do not stall it.
-_YIELD_BYTES = 16 << 20
+# A batch is moved in slices of about this many bytes: encoding, checking and copying a slice
+# runs on the loop, so its size bounds the loop's stall (and the values held at once).
+_SLICE_BYTES = 8 << 20
+
+
+def _slices(buffers: list[PageBuffer]) -> list[tuple[int, int]]:
+    """``(lo, hi)`` index ranges of ``buffers`` of about ``_SLICE_BYTES`` each (>= 1 page)."""
+    bounds, lo, size = [], 0, 0
+    for i, buffer in enumerate(buffers):
+        size += sum(map(len, buffer))
+        if size >= _SLICE_BYTES:
+            bounds.append((lo, i + 1))
+            lo, size = i + 1, 0
+    if lo < len(buffers):
+        bounds.append((lo, len(buffers)))
+    return bounds
 
 
 class BlobStorage(HiCacheStorage):
@@ -41,10 +52,15 @@ class BlobStorage(HiCacheStorage):
         (skipped), ``False`` failed."""
 
     async def _read_pages(self, keys: list[str], buffers: list[PageBuffer]) -> list[bool]:
+        found: list[bool] = []
+        for lo, hi in _slices(buffers):
+            found.extend(await self._read_slice(keys[lo:hi], buffers[lo:hi]))
+        return found
+
+    async def _read_slice(self, keys: list[str], buffers: list[PageBuffer]) -> list[bool]:
         values = await self._get_values(keys)
         found: list[bool] = []
         corrupt: list[str] = []
-        copied = 0
         for key, value, buffer in zip(keys, values, buffers, strict=True):
             if value is None:
                 found.append(False)
@@ -57,25 +73,22 @@ class BlobStorage(HiCacheStorage):
                 found.append(False)
                 continue
             found.append(True)
-            copied += len(value)
-            if copied >= _YIELD_BYTES:
-                copied = 0
-                await anyio.lowlevel.checkpoint()
         if corrupt:
             await self._delete_values(corrupt)
         return found
 
     async def _write_pages(self, keys: list[str], buffers: list[PageBuffer]) -> list[bool]:
-        values = []
-        for key, buffer in zip(keys, buffers, strict=True):
-            # One copy is unavoidable here: the value must outlive the host page.
-            values.append(b"".join([*buffer, self.codec.trailer(key_digest(key), buffer)]))
-        outcomes = await self._put_values(keys, values)
-        stored = []
-        for outcome in outcomes:
-            if outcome is None:
-                self.stats.set_skipped += 1
-            stored.append(outcome is not False)
+        stored: list[bool] = []
+        for lo, hi in _slices(buffers):
+            values = [
+                # One copy is unavoidable here: the value must outlive the host page.
+                b"".join([*buffer, self.codec.trailer(key_digest(key), buffer)])
+                for key, buffer in zip(keys[lo:hi], buffers[lo:hi], strict=True)
+            ]
+            for outcome in await self._put_values(keys[lo:hi], values):
+                if outcome is None:
+                    self.stats.set_skipped += 1
+                stored.append(outcome is not False)
         return stored
 
     def _decode_into(self, key: str, value: memoryview, buffer: PageBuffer) -> None:

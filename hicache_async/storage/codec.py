@@ -87,13 +87,14 @@ class PageCodec:
         )
         return head[:_CRC_END] + struct.pack("<I", zlib.crc32(head[:_CRC_END]))
 
-    def verify(self, trailer: Buffer, digest: bytes, segments: Sequence[Buffer]) -> None:
-        """Raise :class:`CorruptPageError` unless ``trailer`` vouches for ``segments`` under
-        the key digest ``digest`` and this codec's layout."""
+    def check_trailer(self, trailer: Buffer, digest: bytes, size: int) -> int:
+        """The payload checksum ``trailer`` vouches for, once the trailer itself, the key
+        digest, the layout and the payload length ``size`` check out; else
+        :class:`CorruptPageError`."""
         if len(trailer) != TRAILER_SIZE:
             raise CorruptPageError(f"trailer is {len(trailer)} bytes, not {TRAILER_SIZE}")
-        magic, version, size, key, layout, length, check, crc = _STRUCT.unpack(trailer)
-        if magic != MAGIC or size != TRAILER_SIZE:
+        magic, version, tsize, key, layout, length, check, crc = _STRUCT.unpack(trailer)
+        if magic != MAGIC or tsize != TRAILER_SIZE:
             raise CorruptPageError("not a hicache page (bad magic)")
         if crc != zlib.crc32(memoryview(trailer)[:_CRC_END]):
             raise CorruptPageError("the trailer fails its crc32")
@@ -105,8 +106,20 @@ class PageCodec:
             raise CorruptPageError(
                 f"the page was written for another layout, not {self.fingerprint}"
             )
-        expected = sum(len(s) for s in segments)
-        if length != expected:
-            raise CorruptPageError(f"payload is {length} bytes, expected {expected}")
-        if check != checksum(segments):
+        if length != size:
+            raise CorruptPageError(f"payload is {length} bytes, expected {size}")
+        return int(check)
+
+    def verify(
+        self,
+        trailer: Buffer,
+        digest: bytes,
+        segments: Sequence[Buffer],
+        size: int | None = None,
+    ) -> None:
+        """Raise :class:`CorruptPageError` unless ``trailer`` vouches for ``segments`` (``size``
+        bytes in all, when the caller knows it) under the key digest ``digest`` and this
+        codec's layout."""
+        expected = size if size is not None else sum(map(len, segments))
+        if self.check_trailer(trailer, digest, expected) != checksum(segments):
             raise CorruptPageError("the payload fails its checksum")

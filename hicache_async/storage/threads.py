@@ -45,13 +45,25 @@ async def run_chunked(
     chunks = max(1, min(chunks, count))
     bounds = [count * i // chunks for i in range(chunks + 1)]
     stop = threading.Event()
-    async with anyio.create_task_group() as outer:
-        outer.start_soon(_set_when_cancelled, stop)
-        async with anyio.create_task_group() as workers:
-            for lo, hi in itertools.pairwise(bounds):
-                # abandon_on_cancel=False: a started thread is always awaited to its end.
-                workers.start_soon(_run_one, fn, lo, hi, stop, limiter)
-        outer.cancel_scope.cancel()
+    async with anyio.create_task_group() as group:
+        # The watcher and the chunks are siblings: cancelling the caller cancels the group,
+        # so the watcher sets ``stop`` at once while the chunks' threads run to their next page.
+        group.start_soon(_set_when_cancelled, stop)
+        group.start_soon(_run_all, fn, bounds, stop, limiter, group.cancel_scope)
+
+
+async def _run_all(
+    fn: ChunkFn,
+    bounds: list[int],
+    stop: threading.Event,
+    limiter: anyio.CapacityLimiter,
+    done: anyio.CancelScope,
+) -> None:
+    async with anyio.create_task_group() as workers:
+        for lo, hi in itertools.pairwise(bounds):
+            # abandon_on_cancel=False: a started thread is always awaited to its end.
+            workers.start_soon(_run_one, fn, lo, hi, stop, limiter)
+    done.cancel()  # every chunk finished: stop the watcher
 
 
 async def _run_one(

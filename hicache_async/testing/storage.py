@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -324,7 +325,8 @@ class StorageConformance:
             storage.register_mem_pool_host(src)
             assert all(await storage.batch_set_v1(keys, slots(src, list(range(n)))))
             storage.register_mem_pool_host(dst)
-            for delay in (0.0, 0.001, 0.003):
+            threads_after: list[int] = []
+            for delay in (0.0, 0.001, 0.003, 0.001, 0.0):
                 task = asyncio.ensure_future(storage.batch_get_v1(keys, slots(dst, list(range(n)))))
                 await asyncio.sleep(delay)
                 task.cancel()
@@ -334,6 +336,9 @@ class StorageConformance:
                 dst.buffer.view(-1).view(torch.uint8).fill_(0xAB)
                 await asyncio.sleep(0.02)
                 assert bool((dst.buffer.view(-1).view(torch.uint8) == 0xAB).all())
+                threads_after.append(threading.active_count())
+            # Worker threads are reused, not leaked: repeated cancellations add none.
+            assert max(threads_after[2:]) <= threads_after[1]
 
     # -- faults ---------------------------------------------------------------------------
 

@@ -1,0 +1,186 @@
+"""One polling task that turns completion objects into awaitables.
+
+CUDA events (``query()``), ``torch.distributed`` work handles (``is_completed()``) and
+``concurrent.futures`` futures (``done()``) have no asyncio integration, and waiting on them
+(``event.synchronize()``, ``work.wait()``) blocks the thread. :class:`EventPoller` checks every
+pending object from one task on the loop:
+
+* a few rounds with ``sleep(0)`` (completions that are microseconds away cost no sleep),
+  then an exponential back-off from ``min_interval`` up to ``max_interval`` (~1 ms);
+* a new waiter resets the back-off and wakes the poller at once;
+* with nothing pending it parks on an event and costs nothing.
+
+The poller runs in a task group its owner holds (``async with EventPoller.open() as p:`` or
+``await tg.start(poller.run)``), so an error in it surfaces at the owner. A completion object
+whose check raises (a CUDA error) delivers that error to its waiter instead.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeAlias, cast
+
+import anyio
+import anyio.lowlevel
+import torch
+import torch.distributed
+
+from hicache_async.errors import ClosedError
+
+__all__ = ["Completion", "EventPoller", "is_complete"]
+
+Completion: TypeAlias = "torch.cuda.Event | concurrent.futures.Future[Any] | Callable[[], bool]"
+"""What :meth:`EventPoller.wait` accepts: a CUDA event, a future, a distributed work handle
+(``torch.distributed.Work``), or a plain callable that says whether the work is done."""
+
+
+def _probe(obj: object) -> Callable[[], bool]:
+    """The no-wait completion check of ``obj`` (a registry by type, not attribute probing)."""
+    if isinstance(obj, torch.cuda.Event):
+        return obj.query
+    if isinstance(obj, concurrent.futures.Future):
+        return obj.done
+    if isinstance(obj, torch.distributed.Work):
+        return obj.is_completed
+    if callable(obj):
+        return cast("Callable[[], bool]", obj)
+    raise TypeError(
+        f"cannot poll a {type(obj).__name__}: pass a torch.cuda.Event, a torch.distributed "
+        "Work, a concurrent.futures.Future or a callable returning bool"
+    )
+
+
+def is_complete(obj: Completion) -> bool:
+    """Whether ``obj`` has completed, without waiting."""
+    return bool(_probe(obj)())
+
+
+class _Waiter:
+    __slots__ = ("error", "event", "probe")
+
+    def __init__(self, probe: Callable[[], bool]) -> None:
+        self.probe = probe
+        self.event = anyio.Event()
+        self.error: BaseException | None = None
+
+
+class EventPoller:
+    """Awaits completion objects for every task of one cache from a single polling task."""
+
+    def __init__(
+        self, *, spins: int = 8, min_interval: float = 20e-6, max_interval: float = 1e-3
+    ) -> None:
+        if spins < 0 or not 0 < min_interval <= max_interval:
+            raise ValueError("need spins >= 0 and 0 < min_interval <= max_interval")
+        self.spins = spins
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        self._pending: dict[int, _Waiter] = {}
+        self._ids = itertools.count()
+        self._wakeup = anyio.Event()
+        self._running = False
+        self._closed = False
+        self.polls = 0  # rounds over the pending set, for statistics and tests
+        self.completions = 0
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, **options: Any) -> AsyncIterator[EventPoller]:
+        """Run a poller for the block; leaving it stops the poller."""
+        poller = cls(**options)
+        async with anyio.create_task_group() as tg:
+            await tg.start(poller.run)
+            try:
+                yield poller
+            finally:
+                poller.close()
+
+    @property
+    def pending(self) -> int:
+        """Completion objects being waited for right now."""
+        return len(self._pending)
+
+    def close(self) -> None:
+        """Stop accepting waits; :meth:`run` returns once the pending ones have completed."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def wait(self, obj: Completion) -> None:
+        """Return once ``obj`` has completed. Cancelling the wait leaves ``obj`` running."""
+        probe = _probe(obj)
+        if probe():
+            await anyio.lowlevel.checkpoint()
+            return
+        if self._closed or not self._running:
+            raise ClosedError("the EventPoller is not running (start it with open() or run())")
+        key = next(self._ids)
+        waiter = self._pending[key] = _Waiter(probe)
+        self._wakeup.set()
+        try:
+            await waiter.event.wait()
+        finally:
+            self._pending.pop(key, None)
+        if waiter.error is not None:
+            raise waiter.error
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The polling task. Returns after :meth:`close` once nothing is pending."""
+        if self._running:
+            raise RuntimeError("this EventPoller is already running")
+        self._running = True
+        task_status.started()
+        try:
+            await self._poll_forever()
+        finally:
+            self._running = False
+            self._closed = True
+            for waiter in self._pending.values():  # the owner is going away: nobody hangs
+                waiter.error = ClosedError("the EventPoller stopped")
+                waiter.event.set()
+
+    async def _poll_forever(self) -> None:
+        idle = 0
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                self._wakeup = anyio.Event()
+                await self._wakeup.wait()
+                idle = 0
+                continue
+            if self._poll_once():
+                idle = 0
+            if idle < self.spins:
+                idle += 1
+                await anyio.lowlevel.checkpoint()
+                continue
+            interval = min(self.max_interval, self.min_interval * 2 ** min(idle - self.spins, 30))
+            idle += 1
+            self._wakeup = anyio.Event()
+            with anyio.move_on_after(interval):
+                await self._wakeup.wait()
+                idle = 0  # a new waiter: poll it eagerly
+
+    def _poll_once(self) -> bool:
+        self.polls += 1
+        done = False
+        for key, waiter in list(self._pending.items()):
+            try:
+                finished = waiter.probe()
+            except Exception as exc:  # e.g. a CUDA error: the waiter gets it, the poller lives
+                waiter.error, finished = exc, True
+            if finished:
+                del self._pending[key]
+                waiter.event.set()
+                self.completions += 1
+                done = True
+        return done
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running" if self._running else "idle"
+        return f"EventPoller({state}, pending={self.pending})"
