@@ -44,7 +44,8 @@ from hicache_async.radix import Tier as RadixTier
 from hicache_async.session import Session
 from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, create_storage
 from hicache_async.tiers._l1 import build_l1
-from hicache_async.tiers.backup import Backup
+from hicache_async.tiers._pending import Pending
+from hicache_async.tiers.backup import Backup, BackupJob
 from hicache_async.tiers.consensus import RankConsensus
 from hicache_async.tiers.device import DeviceTier
 from hicache_async.tiers.host import HostTier
@@ -88,13 +89,13 @@ class HiCache:
         self.hub = EventHub()
         device = config.resolve_device()
         self.tree = RadixTree(self.page_size, config.eviction_policy, device=device)
-        self.l1 = build_l1(config, device)
-        self.device_pool = self.l1.pool
         self.host_pool: HostKVPool | None = None
         self.host_tier: HostTier | None = None
         if config.host_enabled:
             self.host_pool = HostKVPool(self.layout, config.resolved_host_pages, config.host_layout)
             self.host_tier = HostTier(self.tree, self.host_pool, self.hub)
+        self.l1 = build_l1(config, device, self.host_pool)
+        self.device_pool = self.l1.pool
         self.device_tier = DeviceTier(
             self.tree,
             self.l1.allocator,
@@ -143,15 +144,16 @@ class HiCache:
                 agree=agree,
             )
         self.backup: Backup | None = None
-        self.loader = Load(
-            self.tree,
-            self.device_tier,
-            self.l1.engine,
-            self.counters,
-            self.hub,
-            bytes_per_page=self.layout.bytes_per_page,
-        )
-        if self.host_tier is not None:
+        self.loader: Load | None = None
+        if self.host_tier is not None and self.l1.engine is not None:
+            self.loader = Load(
+                self.tree,
+                self.device_tier,
+                self.l1.engine,
+                self.counters,
+                self.hub,
+                bytes_per_page=self.layout.bytes_per_page,
+            )
             self.backup = Backup(
                 self.tree,
                 self.host_tier,
@@ -160,10 +162,10 @@ class HiCache:
                 self.hub,
                 write_back=self.write_back,
             )
-        send, receive = anyio.create_memory_object_stream[TreeNode](max_buffer_size=1024)
+        send, receive = anyio.create_memory_object_stream[BackupJob](max_buffer_size=1024)
         self._backups = (send, receive)
         self.backups_dropped = 0
-        self._idle: dict[str, anyio.Event] = {}  # set when a worker drained its queue
+        self._backups_pending = Pending()
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
 
@@ -179,15 +181,12 @@ class HiCache:
     async def __aenter__(self) -> Self:
         if self.state is not CacheState.NEW:
             raise HiCacheError(f"a cache is opened once; this one is {self.state.value}")
-        self._idle = {"backup": anyio.Event(), "write_back": anyio.Event()}
-        if self.write_back is None:
-            self._idle["write_back"].set()
         async with AsyncExitStack() as stack:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await self.l1.start(self._tg)
             self._tg.start_soon(self._backup_worker)
             if self.write_back is not None:
-                self._tg.start_soon(self._write_back_worker)
+                self._tg.start_soon(self.write_back.run)
             if self.config.kv_events is not None and self.config.kv_events.publisher == "zmq":
                 from hicache_async.kv_publisher import ZmqEventPublisher
 
@@ -215,22 +214,27 @@ class HiCache:
             return
         self.state = CacheState.CLOSING
         stack, self._stack = self._stack, None
-        with anyio.CancelScope(shield=True):
-            self._backups[0].close()
-            if self.write_back is not None:
-                self.write_back.close()
-            with anyio.move_on_after(self.drain_timeout):
-                for idle in self._idle.values():
-                    await idle.wait()
-            assert self._tg is not None
-            self._tg.cancel_scope.cancel()
-            try:
-                await stack.aclose()
-            finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.drain_timeout):
+            await self.drain()
+        self._backups[0].close()
+        if self.write_back is not None:
+            self.write_back.close()
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            await stack.aclose()  # leaves the task group: every background task has ended
+        finally:
+            with anyio.CancelScope(shield=True):
                 if self.storage is not None:
                     await self.storage.aclose()
-                self.hub.close()
-                self.state = CacheState.CLOSED
+            self.hub.close()
+            self.state = CacheState.CLOSED
+
+    async def drain(self) -> None:
+        """Wait until every queued backup and L3 write-back has finished."""
+        await self._backups_pending.wait_idle()
+        if self.write_back is not None:
+            await self.write_back.pending.wait_idle()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "state", None) is CacheState.OPEN:
@@ -274,6 +278,15 @@ class HiCache:
         self._check_open()
         return self.tree.match_prefix(key)
 
+    async def ensure_device_room(self, pages: int) -> bool:
+        """Wait (for backups in flight) until ``pages`` L1 pages could be allocated; False if
+        they cannot be even then."""
+        while not self.device_tier.has_room(pages):
+            if not self._backups_pending.count:
+                return False
+            await self._backups_pending.wait_idle()
+        return True
+
     def _after_insert(self, key: RadixKey) -> None:
         """Schedule backups per the write policy after ``key`` was inserted."""
         policy = self.config.write_policy
@@ -289,26 +302,25 @@ class HiCache:
                 todo.append(node)
             node = node.parent
         for node in reversed(todo):  # parents first: a prefix is useful without its suffix
+            job = self.backup.reserve(node)  # pinned now, copied by the backup worker
+            if job is None:
+                continue
             try:
-                self._backups[0].send_nowait(node)
+                self._backups[0].send_nowait(job)
             except anyio.WouldBlock:
+                self.backup.rollback(job)
                 self.backups_dropped += 1
+            else:
+                self._backups_pending.add()
 
     async def _backup_worker(self) -> None:
-        try:
-            async with self._backups[1]:
-                async for node in self._backups[1]:
-                    if self.backup is not None and node.state is NodeState.DEVICE:
-                        await self.backup.backup(node)
-        finally:
-            self._idle["backup"].set()
-
-    async def _write_back_worker(self) -> None:
-        assert self.write_back is not None
-        try:
-            await self.write_back.run()
-        finally:
-            self._idle["write_back"].set()
+        async with self._backups[1]:
+            async for job in self._backups[1]:
+                try:
+                    if self.backup is not None:
+                        await self.backup.run(job)
+                finally:
+                    self._backups_pending.done()
 
     # -- numbers --------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from hicache_async.config import PrefetchPolicy
 from hicache_async.errors import CapacityError, HiCacheError, LayoutError
 from hicache_async.metrics import Tier
 from hicache_async.radix import MatchResult, RadixKey, TreeNode
+from hicache_async.tiers.load import LoadResult
 from hicache_async.tiers.prefetch import PrefetchControl, PrefetchOutcome, PrefetchResult
 
 if TYPE_CHECKING:
@@ -142,7 +143,10 @@ class Session:
         cache = self._cache
         match = self.match
         device_tokens = match.device_hit_length
-        loaded = await cache.loader.load(match)
+        if cache.loader is None:  # no L2: nothing to load
+            loaded = LoadResult(match.device_indices, 0, match.last_device_node)
+        else:
+            loaded = await cache.loader.load(match)
         if loaded.loaded_tokens:
             # The loaded nodes are now device-resident: hold them for the model.
             cache.tree.lock(loaded.last_node)
@@ -154,6 +158,9 @@ class Session:
             Tier.STORAGE: min(self._storage_tokens, loaded.loaded_tokens),
         }
         length = device_tokens + loaded.loaded_tokens
+        # Make sure allocate() can place the rest of the prompt: pages pinned by backups in
+        # flight free up when their copies land, which only an await can wait for.
+        await cache.ensure_device_room(-(-(len(self.key) - length) // cache.page_size))
         for tier, tokens in by_tier.items():
             cache.counters.hit_tokens[tier] += tokens
             cache.counters.hit_pages[tier] += tokens // cache.page_size

@@ -10,6 +10,9 @@ Commit and rollback cover the whole reserved span even if an insert split the no
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+
+import torch
 
 from hicache_async.events import EventHub, StorageMedium
 from hicache_async.metrics import Counters, Transition
@@ -20,7 +23,17 @@ from hicache_async.tiers.copy import CopyEngine
 from hicache_async.tiers.host import HostTier
 from hicache_async.tiers.write_back import WriteBack
 
-__all__ = ["Backup"]
+__all__ = ["Backup", "BackupJob"]
+
+
+@dataclass(frozen=True, slots=True)
+class BackupJob:
+    """A reserved backup: the node is ``BACKING_UP`` and device-locked until it runs."""
+
+    node: TreeNode
+    tokens: int
+    device_slots: torch.Tensor
+    host_slots: torch.Tensor
 
 
 class Backup:
@@ -41,32 +54,41 @@ class Backup:
         self.write_back = write_back
         self.skipped = 0  # no host pages could be reserved
 
-    async def backup(self, node: TreeNode) -> bool:
-        """Back ``node`` up to L2; False when it needs none or L2 has no room."""
+    def reserve(self, node: TreeNode) -> BackupJob | None:
+        """Reserve host pages for ``node`` and pin it (sync, on the loop), so L1 eviction
+        cannot take it before its copy ran; None when it needs no backup or L2 has no room."""
         if node.state is not NodeState.DEVICE or node.device_indices is None:
-            return False
+            return None
         tokens = node.num_tokens
         slots = self.host.reserve(tokens // self.tree.page_size)
         if slots is None:
             self.skipped += 1
-            return False
-        device_slots = node.device_indices
+            return None
+        job = BackupJob(node, tokens, node.device_indices, slots)
         self.tree.start_backup(node, slots)
         self.tree.lock(node)
+        return job
+
+    def rollback(self, job: BackupJob) -> None:
+        """Undo :meth:`reserve` (sync): free the host pages, unpin the node."""
+        self.tree.unlock(job.node)
+        for part in span_chain(job.node, job.tokens):
+            self.host.free(self.tree.cancel_backup(part))
+
+    async def run(self, job: BackupJob) -> None:
+        """Copy a reserved backup, then commit it (or roll it back on any error)."""
         start = time.perf_counter()
         try:
-            await self.engine.backup(device_slots, slots)
+            await self.engine.backup(job.device_slots, job.host_slots)
         except BaseException:
-            self.tree.unlock(node)
-            for part in span_chain(node, tokens):
-                self.host.free(self.tree.cancel_backup(part))
+            self.rollback(job)
             self.counters.transitions[Transition.BACKUP].failures += 1
             raise
-        chain = span_chain(node, tokens)
+        chain = span_chain(job.node, job.tokens)
         for part in chain:
             self.tree.finish_backup(part)
-        self.tree.unlock(node)
-        pages = tokens // self.tree.page_size
+        self.tree.unlock(job.node)
+        pages = job.tokens // self.tree.page_size
         nbytes = pages * self.host.pool.bytes_per_page
         self.counters.transitions[Transition.BACKUP].add(pages, nbytes, time.perf_counter() - start)
         if self.hub.active:
@@ -74,4 +96,11 @@ class Backup:
         if self.write_back is not None:
             for part in chain:
                 self.write_back.submit(part)
+
+    async def backup(self, node: TreeNode) -> bool:
+        """Back ``node`` up to L2 now; False when it needs none or L2 has no room."""
+        job = self.reserve(node)
+        if job is None:
+            return False
+        await self.run(job)
         return True

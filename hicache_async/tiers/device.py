@@ -13,6 +13,7 @@ from hicache_async.events import EventHub, StorageMedium
 from hicache_async.memory.allocator import PagedAllocator
 from hicache_async.memory.slots import pages_to_slots, slots_to_pages
 from hicache_async.radix import RadixTree
+from hicache_async.radix import Tier as RadixTier
 from hicache_async.tiers._events import removed_event
 
 __all__ = ["DeviceTier"]
@@ -33,6 +34,11 @@ class DeviceTier:
         self.tree, self.allocator, self.page_size, self.hub = tree, allocator, page_size, hub
         self._host_allocator = host_allocator  # frees host pages of nodes eviction removes
         self.evicted_pages = 0
+
+    def has_room(self, n_pages: int) -> bool:
+        """Whether ``n_pages`` could be reserved now (free or evictable pages)."""
+        evictable = self.tree.evictable_size(RadixTier.DEVICE) // self.page_size
+        return self.allocator.available + evictable >= n_pages
 
     def reserve(self, n_pages: int) -> torch.Tensor | None:
         """Token slots of ``n_pages`` device pages, evicting L1 as needed; None if impossible."""

@@ -28,6 +28,7 @@ from hicache_async.metrics import Counters, Transition
 from hicache_async.radix import RadixTree, TreeNode
 from hicache_async.storage import HiCacheStorage
 from hicache_async.tiers._events import stored_event
+from hicache_async.tiers._pending import Pending
 
 __all__ = ["WriteBack", "WriteJob"]
 
@@ -83,7 +84,7 @@ class WriteBack:
         )
         self._done = (done_send, done_receive)
         self.dropped = 0  # jobs refused because the queue was full
-        self.pending_pages = 0  # pages queued or being written
+        self.pending = Pending()  # jobs queued, being written or awaiting release
 
     @property
     def depth(self) -> int:
@@ -111,7 +112,7 @@ class WriteBack:
             self.tree.unlock_host(node)
             self.dropped += 1
             return False
-        self.pending_pages += len(job.keys)
+        self.pending.add()
         return True
 
     async def run(self) -> None:
@@ -182,8 +183,8 @@ class WriteBack:
                     if stored and job.event is not None:
                         self._emit(job.event, stored)
                 finally:
-                    self.pending_pages -= len(job.keys)
                     self.tree.unlock_host(job.node)
+                    self.pending.done()
 
     def _emit(self, event: BlockStored, pages: int) -> None:
         size = self.tree.page_size
