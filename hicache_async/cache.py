@@ -231,7 +231,9 @@ class HiCache:
             self.state = CacheState.CLOSED
 
     async def drain(self) -> None:
-        """Wait until every queued backup and L3 write-back has finished."""
+        """Wait until every prefetch, queued backup and L3 write-back has finished."""
+        if self.prefetcher is not None:
+            await self.prefetcher.running.wait_idle()
         await self._backups_pending.wait_idle()
         if self.write_back is not None:
             await self.write_back.pending.wait_idle()

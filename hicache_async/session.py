@@ -252,20 +252,30 @@ class Session:
 
 
 class _BackgroundPrefetch:
-    """A ``best_effort`` prefetch running in the cache's task group for one session."""
+    """A ``best_effort`` prefetch running in the cache's task group for one session.
+
+    It pins the session's matched path from the moment it is created (sync), so the path is
+    still in the tree when the task starts, even if the session has ended by then.
+    """
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.match = session.match
         self.control = PrefetchControl()
         self.done = anyio.Event()
         self.result: PrefetchResult | None = None
+        tree = session._cache.tree
+        tree.lock(self.match.last_device_node)
+        tree.lock_host(self.match.last_host_node)
 
     async def run(self) -> None:
         cache = self.session._cache
         assert cache.prefetcher is not None
         try:
             self.result = await cache.prefetcher.fetch(
-                self.session.key, self.session.match, control=self.control
+                self.session.key, self.match, control=self.control
             )
         finally:
+            cache.tree.unlock_host(self.match.last_host_node)
+            cache.tree.unlock(self.match.last_device_node)
             self.done.set()

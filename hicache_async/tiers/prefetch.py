@@ -24,6 +24,7 @@ from hicache_async.metrics import Counters, Transition
 from hicache_async.radix import TOKEN_BYTES, MatchResult, RadixKey, RadixTree, hash_pages
 from hicache_async.storage import HiCacheStorage
 from hicache_async.tiers._events import token_list
+from hicache_async.tiers._pending import Pending
 from hicache_async.tiers.host import HostTier
 
 __all__ = ["PrefetchControl", "PrefetchOutcome", "PrefetchResult", "Prefetcher"]
@@ -96,6 +97,7 @@ class Prefetcher:
         self.batch_pages = batch_pages
         self._agree = agree
         self.inflight_pages = 0
+        self.running = Pending()  # prefetches under way (a drain waits for them)
 
     async def _agreed(self, value: int) -> int:
         return value if self._agree is None else await self._agree(value)
@@ -134,11 +136,13 @@ class Prefetcher:
         # The new pages hang below the matched path: keep it in the tree until they do.
         self.tree.lock(match.last_device_node)
         self.tree.lock_host(match.last_host_node)
+        self.running.add()
         try:
             return await self._fetch(key, matched, parent_hash, keys, deadline_s, control)
         finally:
             self.tree.unlock_host(match.last_host_node)
             self.tree.unlock(match.last_device_node)
+            self.running.done()
 
     async def _fetch(
         self,
