@@ -282,28 +282,49 @@ class HiCache:
 
     async def ensure_device_room(self, pages: int) -> bool:
         """Wait (for backups in flight) until ``pages`` L1 pages could be allocated; False if
-        they cannot be even then."""
+        they cannot be even then. Under ``write_back``, first back up the L1 pages that the
+        allocation will evict, so they move to L2 instead of being lost."""
+        if self.config.write_policy is WritePolicy.WRITE_BACK:
+            await self._back_up_victims(pages - self.l1.allocator.available)
         while not self.device_tier.has_room(pages):
             if not self._backups_pending.count:
                 return False
             await self._backups_pending.wait_idle()
         return True
 
-    def _after_insert(self, key: RadixKey) -> None:
-        """Schedule backups per the write policy after ``key`` was inserted."""
-        policy = self.config.write_policy
-        if self.backup is None or policy is WritePolicy.WRITE_BACK:
+    async def _back_up_victims(self, short: int) -> None:
+        if self.backup is None or short <= 0:
             return
-        match = self.tree.match_prefix(key)
-        node: TreeNode | None = match.last_device_node
+        tokens = short * self.page_size
+        for node in self.tree.eviction_candidates(max(1, short)):
+            if tokens <= 0:
+                break
+            tokens -= node.num_tokens
+            if node.state is NodeState.DEVICE:
+                await self.backup.backup(node)
+
+    def _after_insert(self, key: RadixKey) -> None:
+        """``write_through``: back up what ``key``'s insert put on L1."""
+        if self.config.write_policy is WritePolicy.WRITE_THROUGH:
+            self._schedule_backups(self.tree.match_prefix(key).last_device_node, hits=0)
+
+    def _after_match(self, match: MatchResult) -> None:
+        """``write_through_selective``: back up a prefix once it has been hit twice."""
+        if self.config.write_policy is WritePolicy.WRITE_THROUGH_SELECTIVE:
+            self._schedule_backups(match.last_device_node, hits=2)
+
+    def _schedule_backups(self, last: TreeNode, *, hits: int) -> None:
+        """Reserve backups of the device-only nodes on the path to ``last`` hit at least
+        ``hits`` times (parents first: a prefix is useful without its suffix)."""
+        if self.backup is None:
+            return
         todo = []
+        node: TreeNode | None = last
         while node is not None and node.parent is not None:
-            if node.state is NodeState.DEVICE and (
-                policy is WritePolicy.WRITE_THROUGH or node.hit_count >= 2
-            ):
+            if node.state is NodeState.DEVICE and node.hit_count >= hits:
                 todo.append(node)
             node = node.parent
-        for node in reversed(todo):  # parents first: a prefix is useful without its suffix
+        for node in reversed(todo):
             job = self.backup.reserve(node)  # pinned now, copied by the backup worker
             if job is None:
                 continue

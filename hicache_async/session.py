@@ -122,7 +122,7 @@ class Session:
         if policy is PrefetchPolicy.BEST_EFFORT:
             self._prefetch = _BackgroundPrefetch(self)
             cache._task_group.start_soon(self._prefetch.run)
-            return PrefetchResult(PrefetchOutcome.SKIPPED)  # the outcome comes with load()
+            return PrefetchResult(PrefetchOutcome.STARTED)  # load() takes what arrived
         deadline = None
         if policy is PrefetchPolicy.TIMEOUT:
             deadline = cache.config.prefetch_timeout(len(self.key) - self._matched_tokens())
@@ -229,6 +229,7 @@ class Session:
     def _rematch(self) -> None:
         tree = self._cache.tree
         match = tree.match_prefix(self.key)
+        self._cache._after_match(match)
         tree.lock(match.last_device_node)
         tree.lock_host(match.last_host_node)
         self._unlock()

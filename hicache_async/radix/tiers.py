@@ -84,6 +84,13 @@ class RadixTree(RadixTreeBase):
         result.num_pages = done // self.page_size
         return result
 
+    def eviction_candidates(self, count: int) -> list[TreeNode]:
+        """The first ``count`` unlocked device leaves in eviction order (not evicted).
+
+        The write-back policy backs these up before evicting, so L1 eviction demotes them to
+        L2 instead of dropping them."""
+        return self._dev_heap.first(count)
+
     def evict_host(self, n_pages: int) -> EvictResult:
         """Evict up to ``n_pages`` host pages from unlocked host-only leaves, policy order."""
         need = n_pages * self.page_size

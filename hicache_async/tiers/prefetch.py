@@ -34,6 +34,7 @@ class PrefetchOutcome(enum.Enum):
     """How a prefetch ended."""
 
     SKIPPED = "skipped"  # shorter than prefetch_threshold, or nothing left to fetch
+    STARTED = "started"  # best_effort: running in the background; load() takes what arrived
     MISS = "miss"  # L3 holds none of the pages
     REFUSED = "refused"  # in-flight prefetches hold too many host pages, or L2 is full
     COMPLETED = "completed"  # every page L3 had arrived
