@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup
 
 from hicache_async.config import HiCacheConfig, WritePolicy
 from hicache_async.errors import ClosedError, HiCacheError
-from hicache_async.events import EventHub, EventStream, StorageMedium
+from hicache_async.events import AllBlocksCleared, EventHub, EventStream, KVEvent, StorageMedium
 from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.metrics import (
     CacheStats,
@@ -43,8 +43,10 @@ from hicache_async.radix import TOKEN_BYTES, MatchResult, NodeState, RadixKey, R
 from hicache_async.radix import Tier as RadixTier
 from hicache_async.session import Session
 from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, create_storage
+from hicache_async.tiers._events import stored_event
 from hicache_async.tiers._l1 import build_l1
 from hicache_async.tiers._pending import Pending
+from hicache_async.tiers._span import span_chain
 from hicache_async.tiers.backup import Backup, BackupJob
 from hicache_async.tiers.consensus import RankConsensus
 from hicache_async.tiers.device import DeviceTier
@@ -273,6 +275,24 @@ class HiCache:
         """A bounded stream of KV event batches from now on (``async with`` it to close)."""
         return self.hub.subscribe(max_batches)
 
+    async def clear(self, *, storage: bool = False) -> None:
+        """Drop every page from L1 and L2 (and from L3 when ``storage``), once background
+        work has drained. Requests must have ended: a held page is a :class:`HiCacheError`."""
+        self._check_open()
+        await self.drain()
+        tree = self.tree
+        if tree.protected_size(RadixTier.DEVICE) or tree.protected_size(RadixTier.HOST):
+            raise HiCacheError("clear() while requests hold cached pages; let them finish first")
+        self.device_tier.evict(self.l1.allocator.usable, keep_host=False, emit=False)
+        events: list[KVEvent] = [AllBlocksCleared(StorageMedium.GPU)]
+        if self.host_tier is not None and self.host_pool is not None:
+            self.host_tier.evict(self.host_pool.allocator.usable, emit=False)
+            events.append(AllBlocksCleared(StorageMedium.CPU_PINNED))
+        if storage and self.storage is not None and self.write_back is not None:
+            await self.storage.clear()
+            events.append(AllBlocksCleared(self.write_back.medium))
+        self.hub.emit(events)
+
     # -- the lower level (for frameworks with their own scheduler) -------------------------
 
     def match_prefix(self, key: RadixKey) -> MatchResult:
@@ -303,10 +323,17 @@ class HiCache:
             if node.state is NodeState.DEVICE:
                 await self.backup.backup(node)
 
-    def _after_insert(self, key: RadixKey) -> None:
-        """``write_through``: back up what ``key``'s insert put on L1."""
+    def _after_insert(self, key: RadixKey, new_tokens: int) -> None:
+        """Announce the ``new_tokens`` that ``key``'s insert put on L1; ``write_through``:
+        back them up."""
+        if new_tokens <= 0:
+            return
+        last = self.tree.match_prefix(key).last_device_node
+        if self.hub.active:
+            span = span_chain(last, new_tokens)
+            self.hub.emit([stored_event(self.tree, node, StorageMedium.GPU) for node in span])
         if self.config.write_policy is WritePolicy.WRITE_THROUGH:
-            self._schedule_backups(self.tree.match_prefix(key).last_device_node, hits=0)
+            self._schedule_backups(last, hits=0)
 
     def _after_match(self, match: MatchResult) -> None:
         """``write_through_selective``: back up a prefix once it has been hit twice."""

@@ -48,14 +48,14 @@ class DeviceTier:
         pages = self.allocator.alloc(n_pages)
         return None if pages is None else pages_to_slots(pages, self.page_size)
 
-    def evict(self, n_pages: int) -> int:
+    def evict(self, n_pages: int, *, keep_host: bool = True, emit: bool = True) -> int:
         """Evict up to ``n_pages`` device pages; returns how many were freed."""
-        result = self.tree.evict(n_pages, keep_host=True)
+        result = self.tree.evict(n_pages, keep_host=keep_host)
         self.free(result.device_indices)
         if result.host_indices.numel():
             assert self._host_allocator is not None, "removed host copies without an L2"
             self._host_allocator.free(slots_to_pages(result.host_indices, self.page_size))
-        if self.hub.active and (result.demoted or result.removed):
+        if emit and self.hub.active and (result.demoted or result.removed):
             gone = result.demoted + result.removed_device
             events = [removed_event(self.tree, gone, StorageMedium.GPU)]
             if result.removed_host:

@@ -35,12 +35,12 @@ class HostTier:
         pages = allocator.alloc(n_pages)
         return None if pages is None else pages_to_slots(pages, self.page_size)
 
-    def evict(self, n_pages: int) -> int:
+    def evict(self, n_pages: int, *, emit: bool = True) -> int:
         """Evict up to ``n_pages`` host pages; returns how many were freed."""
         result = self.tree.evict_host(n_pages)
         if result.host_indices.numel():
             self.free(result.host_indices)
-        if result.removed and self.hub.active:
+        if emit and result.removed and self.hub.active:
             self.hub.emit([removed_event(self.tree, result.removed, StorageMedium.CPU_PINNED)])
         self.evicted_pages += result.num_pages
         return result.num_pages
