@@ -167,6 +167,7 @@ class HiCache:
         send, receive = anyio.create_memory_object_stream[BackupJob](max_buffer_size=1024)
         self._backups = (send, receive)
         self.backups_dropped = 0
+        self.backup_batch = 256  # backups moved by one engine call
         self._backups_pending = Pending()
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
@@ -301,16 +302,23 @@ class HiCache:
         return self.tree.match_prefix(key)
 
     async def ensure_device_room(self, pages: int) -> bool:
-        """Wait (for backups in flight) until ``pages`` L1 pages could be allocated; False if
-        they cannot be even then. Under ``write_back``, first back up the L1 pages that the
-        allocation will evict, so they move to L2 instead of being lost."""
-        if self.config.write_policy is WritePolicy.WRITE_BACK:
-            await self._back_up_victims(pages - self.l1.allocator.available)
-        while not self.device_tier.has_room(pages):
+        """Free ``pages`` L1 pages now (evicting), waiting for backups in flight when they pin
+        what would be evicted; False if even that is not enough. Under ``write_back``, the
+        pages about to be evicted are backed up first, so they move to L2 instead of being
+        lost."""
+        allocator = self.l1.allocator
+        while True:
+            short = pages - allocator.available
+            if short <= 0:
+                return True
+            if self.config.write_policy is WritePolicy.WRITE_BACK:
+                await self._back_up_victims(short)
+            self.device_tier.evict(short)
+            if allocator.available >= pages:
+                return True
             if not self._backups_pending.count:
                 return False
             await self._backups_pending.wait_idle()
-        return True
 
     async def _back_up_victims(self, short: int) -> None:
         if self.backup is None or short <= 0:
@@ -364,13 +372,21 @@ class HiCache:
                 self._backups_pending.add()
 
     async def _backup_worker(self) -> None:
-        async with self._backups[1]:
-            async for job in self._backups[1]:
+        assert self.backup is not None or not self._backups_pending.count
+        receive = self._backups[1]
+        async with receive:
+            async for first in receive:
+                jobs = [first]
+                while len(jobs) < self.backup_batch:  # one copy for everything queued
+                    try:
+                        jobs.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
                 try:
                     if self.backup is not None:
-                        await self.backup.run(job)
+                        await self.backup.run_batch(jobs)
                 finally:
-                    self._backups_pending.done()
+                    self._backups_pending.done(len(jobs))
 
     # -- numbers --------------------------------------------------------------------------
 

@@ -77,25 +77,35 @@ class Backup:
 
     async def run(self, job: BackupJob) -> None:
         """Copy a reserved backup, then commit it (or roll it back on any error)."""
+        await self.run_batch([job])
+
+    async def run_batch(self, jobs: list[BackupJob]) -> None:
+        """Copy reserved backups in one engine call, then commit each (or roll all back)."""
         start = time.perf_counter()
+        device = torch.cat([job.device_slots for job in jobs])
+        host = torch.cat([job.host_slots for job in jobs])
         try:
-            await self.engine.backup(job.device_slots, job.host_slots)
+            await self.engine.backup(device, host)
         except BaseException:
-            self.rollback(job)
-            self.counters.transitions[Transition.BACKUP].failures += 1
+            for job in jobs:
+                self.rollback(job)
+            self.counters.transitions[Transition.BACKUP].failures += len(jobs)
             raise
-        chain = span_chain(job.node, job.tokens)
-        for part in chain:
-            self.tree.finish_backup(part)
-        self.tree.unlock(job.node)
-        pages = job.tokens // self.tree.page_size
+        stored = []
+        for job in jobs:
+            chain = span_chain(job.node, job.tokens)
+            for part in chain:
+                self.tree.finish_backup(part)
+            self.tree.unlock(job.node)
+            stored.extend(chain)
+        pages = sum(job.tokens for job in jobs) // self.tree.page_size
         nbytes = pages * self.host.pool.bytes_per_page
         self.counters.transitions[Transition.BACKUP].add(pages, nbytes, time.perf_counter() - start)
         if self.hub.active:
-            self.hub.emit([stored_event(self.tree, p, StorageMedium.CPU_PINNED) for p in chain])
+            self.hub.emit([stored_event(self.tree, n, StorageMedium.CPU_PINNED) for n in stored])
         if self.write_back is not None:
-            for part in chain:
-                self.write_back.submit(part)
+            for node in stored:
+                self.write_back.submit(node)
 
     async def backup(self, node: TreeNode) -> bool:
         """Back ``node`` up to L2 now; False when it needs none or L2 has no room."""
