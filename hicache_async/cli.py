@@ -80,6 +80,27 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    import anyio
+
+    from hicache_async.demo.run import DemoOptions, format_report, run_demo
+
+    options = DemoOptions(conversations=args.conversations, turns=args.turns, seed=args.seed)
+    if args.dir is not None:
+        options.directory = Path(args.dir)
+    if args.fresh and options.directory.exists():
+        shutil.rmtree(options.directory)
+    report = anyio.run(run_demo, options)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(format_report(report, options.directory))
+    return 0 if report.verified == report.requests else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -91,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="version, resolved config and optional parts")
     info.add_argument("--json", action="store_true", help="one JSON document on stdout")
     info.set_defaults(func=_info)
+
+    demo = commands.add_parser(
+        "demo", help="serve multi-turn chats through the cache and check every hit"
+    )
+    demo.add_argument("--dir", help="L3 directory (default ~/.cache/hicache-async/demo)")
+    demo.add_argument("--fresh", action="store_true", help="empty the L3 directory first")
+    demo.add_argument("--conversations", type=int, default=24)
+    demo.add_argument("--turns", type=int, default=4)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    demo.set_defaults(func=_demo)
     return parser
 
 

@@ -130,8 +130,12 @@ class Session:
         self._after_prefetch(result)
         return result
 
-    async def load(self) -> Hit:
-        """Load the host part of the match onto the device; the hit the request can use."""
+    async def load(self, limit: int | None = None) -> Hit:
+        """Load the host part of the match onto the device; the hit the request can use.
+
+        ``limit`` caps the hit (rounded down to whole pages): a model that must compute at
+        least the prompt's last token to get its logits passes ``len(tokens) - 1``.
+        """
         self._expect(SessionState.MATCHED)
         if self._hit is not None:
             return self._hit
@@ -152,12 +156,19 @@ class Session:
             cache.tree.lock(loaded.last_node)
             self._release_device_lock()
             self._device_node = loaded.last_node
-        by_tier = {
-            Tier.DEVICE: device_tokens,
-            Tier.HOST: loaded.loaded_tokens - min(self._storage_tokens, loaded.loaded_tokens),
-            Tier.STORAGE: min(self._storage_tokens, loaded.loaded_tokens),
-        }
         length = device_tokens + loaded.loaded_tokens
+        if limit is not None and limit < length:
+            length = max(0, limit) // cache.page_size * cache.page_size
+        # Tokens by the tier they were found in: the device part, then pages L2 held, then
+        # the pages the prefetch brought from L3 (the match's tail).
+        used_device = min(device_tokens, length)
+        from_host = loaded.loaded_tokens - min(self._storage_tokens, loaded.loaded_tokens)
+        used_host = min(from_host, length - used_device)
+        by_tier = {
+            Tier.DEVICE: used_device,
+            Tier.HOST: used_host,
+            Tier.STORAGE: length - used_device - used_host,
+        }
         # Make sure allocate() can place the rest of the prompt: pages pinned by backups in
         # flight free up when their copies land, which only an await can wait for.
         await cache.ensure_device_room(-(-(len(self.key) - length) // cache.page_size))
