@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # CPU machines get the CPU build of torch first, so pip never pulls a multi-GB CUDA build.
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: run demo test lint typecheck pytest bench clean
+.PHONY: run demo test lint typecheck pytest bench clean redis-server
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,17 +19,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-run: $(STAMP)          ## the main job
-	$(BIN)/hicache-async info
+run: $(STAMP)          ## the main job: the demo (run it twice: the second starts with L3 hits)
+	$(BIN)/hicache-async demo
 
 demo: run
 
 lint: $(STAMP)         ## ruff and mypy --strict
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict hicache_async
+	$(BIN)/mypy --strict hicache_async backends/hicache_file backends/hicache_memory backends/hicache_redis
 
-pytest: $(STAMP)
+redis-server:          ## the storage tests start real redis-server processes
+	@bash scripts/ensure-redis-server.sh
+
+pytest: $(STAMP) redis-server
 	$(BIN)/python -m pytest -q
 
 test: lint pytest      ## what CI runs

@@ -34,6 +34,10 @@ class Tier(StrEnum):
     HOST = "host"
     STORAGE = "storage"
 
+    # Counters are dicts keyed by tier, bumped on every request: hash in C, as the str does
+    # (Enum's own __hash__ is Python code).
+    __hash__ = str.__hash__
+
 
 class Transition(StrEnum):
     """The moves between tiers."""
@@ -42,6 +46,8 @@ class Transition(StrEnum):
     LOAD = "load"  # L2 -> L1
     WRITE_BACK = "write_back"  # L2 -> L3
     PREFETCH = "prefetch"  # L3 -> L2
+
+    __hash__ = str.__hash__  # see Tier
 
 
 @dataclass(slots=True)

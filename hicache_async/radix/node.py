@@ -153,5 +153,8 @@ class EvictResult:
     device_indices: torch.Tensor  # device slots to free
     host_indices: torch.Tensor  # host slots to free
     removed: list[TreeNode] = field(default_factory=list)  # left the tree (state REMOVED)
+    # Of ``removed``, those that had a device / a host copy (for per-medium KV events).
+    removed_device: list[TreeNode] = field(default_factory=list)
+    removed_host: list[TreeNode] = field(default_factory=list)
     demoted: list[TreeNode] = field(default_factory=list)  # lost their device copy, now HOST
     num_pages: int = 0  # pages evicted from the tier asked for

@@ -151,6 +151,12 @@ class EvictionHeap:
         attr = self._attr
         return [n for _, seq, n in self._heap if getattr(n, attr) == seq]
 
+    def first(self, count: int) -> list[TreeNode]:
+        """The first ``count`` members in eviction order, without removing them."""
+        attr = self._attr
+        live = (e for e in self._heap if getattr(e[2], attr) == e[1])
+        return [n for _, _, n in heapq.nsmallest(count, live, key=lambda e: (e[0], e[1]))]
+
     def _compact(self) -> None:
         attr = self._attr
         self._heap = [e for e in self._heap if getattr(e[2], attr) == e[1]]

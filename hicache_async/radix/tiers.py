@@ -72,7 +72,7 @@ class RadixTree(RadixTreeBase):
                 self._split(node, n - (need - done))  # ``node`` keeps the tail
                 n = need - done
             if drop:
-                self._remove_subtree(node, dev, host, result.removed)
+                self._remove_subtree(node, dev, host, result)
             else:
                 self._demote(node, dev)
                 result.demoted.append(node)
@@ -83,6 +83,13 @@ class RadixTree(RadixTreeBase):
         result.host_indices = self._cat(host, self._empty_host)
         result.num_pages = done // self.page_size
         return result
+
+    def eviction_candidates(self, count: int) -> list[TreeNode]:
+        """The first ``count`` unlocked device leaves in eviction order (not evicted).
+
+        The write-back policy backs these up before evicting, so L1 eviction demotes them to
+        L2 instead of dropping them."""
+        return self._dev_heap.first(count)
 
     def evict_host(self, n_pages: int) -> EvictResult:
         """Evict up to ``n_pages`` host pages from unlocked host-only leaves, policy order."""
@@ -100,7 +107,7 @@ class RadixTree(RadixTreeBase):
             if n > need - done:
                 self._split(node, n - (need - done))
                 n = need - done
-            self._remove_subtree(node, dev, host, result.removed)
+            self._remove_subtree(node, dev, host, result)
             done += n
         result.host_indices = self._cat(host, self._empty_host)
         result.num_pages = done // self.page_size
@@ -125,7 +132,7 @@ class RadixTree(RadixTreeBase):
         node: TreeNode,
         dev: list[torch.Tensor],
         host: list[torch.Tensor],
-        removed: list[TreeNode],
+        result: EvictResult,
     ) -> None:
         """Take ``node`` and everything below it out of the tree (all unlocked)."""
         parent = node.parent
@@ -142,14 +149,16 @@ class RadixTree(RadixTreeBase):
                 dev.append(x.device_indices)
                 x.device_indices = None
                 self._dev_evictable -= n
+                result.removed_device.append(x)
             if x.host_indices is not None:
                 host.append(x.host_indices)
                 x.host_indices = None
                 self._host_evictable -= n
+                result.removed_host.append(x)
             self._dev_heap.discard(x)
             self._host_heap.discard(x)
             x.state = _REMOVED
-            removed.append(x)
+            result.removed.append(x)
         if parent.parent is None:
             if not parent.children and parent.extra_key is not None:
                 del self._roots[parent.extra_key]  # an empty namespace goes away
