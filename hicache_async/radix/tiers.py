@@ -283,7 +283,7 @@ class RadixTree(RadixTreeBase):
         result = EvictResult(self._empty, self._empty_host)
         for root in list(self._roots.values()):
             for child in list(root.children.values()):
-                self._remove_subtree(child, dev, host, result.removed)
+                self._remove_subtree(child, dev, host, result)
         result.device_indices = self._cat(dev, self._empty)
         result.host_indices = self._cat(host, self._empty_host)
         result.num_pages = sum(n.num_tokens for n in result.removed) // self.page_size
