@@ -331,9 +331,10 @@ class HiCache:
             if node.state is NodeState.DEVICE:
                 await self.backup.backup(node)
 
-    def _after_insert(self, key: RadixKey, new_tokens: int) -> None:
-        """Announce the ``new_tokens`` that ``key``'s insert put on L1; ``write_through``:
-        back them up."""
+    def after_insert(self, key: RadixKey, new_tokens: int) -> None:
+        """Call after ``tree.insert(key, ...)`` put ``new_tokens`` new tokens on L1 (the
+        insert's length minus what it returned): emits their ``BlockStored(GPU)`` and, under
+        ``write_through``, schedules their backup. Sessions do this themselves."""
         if new_tokens <= 0:
             return
         last = self.tree.match_prefix(key).last_device_node

@@ -211,7 +211,7 @@ class Session:
             present = cache.tree.insert(key, slots[:aligned], self.priority)
             self._give_to_tree(new_slots, hit.length, present, aligned)
             duplicates = max(0, min(present, aligned) - hit.length)
-            cache._after_insert(key, aligned - present)
+            cache.after_insert(key, aligned - present)
         self.state = SessionState.COMMITTED
         return duplicates
 
