@@ -292,6 +292,9 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{r['raw_hot_mbps']} | {r['hot_x_raw']} | {r['cold_mbps']} | "
                 f"{r['raw_cold_mbps']} | {r['cold_x_raw']} | {r['loop_lag_p99_ms']} |"
             )
+    for r in rows:
+        if r["backend"] == "idle":
+            lines.append(f"\nIdle event loop, same probe: lag p99 {r['loop_lag_p99_ms']} ms.")
     reds = [r for r in rows if r["backend"] == "redis"]
     if reds:
         lines += [
@@ -309,8 +312,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+async def idle_lag_p99_ms(seconds: float = 1.0) -> float:
+    """The lag p99 of an idle loop: this machine's floor for the figures above."""
+    probe = LagProbe()
+    with probe:
+        await asyncio.sleep(seconds)
+    return round(probe.p99_ms(), 3)
+
+
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = [{"backend": "idle", "loop_lag_p99_ms": await idle_lag_p99_ms()}]
     sizes = [int(s) << 10 for s in args.page_kib.split(",")]
     if "file" in args.backends:
         base = tempfile.mkdtemp(prefix="hicache-bench-", dir=args.dir)
