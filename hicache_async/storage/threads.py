@@ -42,7 +42,7 @@ async def run_in_threads(
     items = iter(range(count))
     lock = threading.Lock()
 
-    def work(_lo: int, _hi: int, stop: threading.Event) -> None:
+    def work() -> None:
         while not stop.is_set():
             with lock:
                 i = next(items, None)
@@ -51,21 +51,18 @@ async def run_in_threads(
             fn(i)
 
     if workers == 1:  # the common small batch: no task group to pay for
-        await _run_one(work, 0, count, stop, limiter)
+        await _run_one(work, stop, limiter)
         return
     async with anyio.create_task_group() as group:
         for _ in range(workers):
-            group.start_soon(_run_one, work, 0, count, stop, limiter)
+            group.start_soon(_run_one, work, stop, limiter)
 
 
-ChunkFn = Callable[[int, int, threading.Event], None]
+class _Job:
+    """One worker's thread job: whether it started, and when it is done."""
 
-
-class _Chunk:
-    """One chunk's thread job: whether it started, and when it is done."""
-
-    def __init__(self, fn: ChunkFn, lo: int, hi: int, stop: threading.Event) -> None:
-        self.fn, self.lo, self.hi, self.stop = fn, lo, hi, stop
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
         self.lock = threading.Lock()
         self.started = False
         self.withdrawn = False
@@ -77,7 +74,7 @@ class _Chunk:
                 return
             self.started = True
         try:
-            self.fn(self.lo, self.hi, self.stop)
+            self.fn()
         finally:
             self.done.set()
 
@@ -89,9 +86,9 @@ class _Chunk:
 
 
 async def _run_one(
-    fn: ChunkFn, lo: int, hi: int, stop: threading.Event, limiter: anyio.CapacityLimiter
+    fn: Callable[[], None], stop: threading.Event, limiter: anyio.CapacityLimiter
 ) -> None:
-    chunk = _Chunk(fn, lo, hi, stop)
+    chunk = _Job(fn)
     # The token is ours until the thread has returned, even when the wait below is cancelled.
     async with limiter:
         try:
