@@ -7,6 +7,7 @@ namespaced key: no caller key can escape ``path``, and no directory holds more t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -141,13 +142,10 @@ class FileStorage(HiCacheStorage):
             for top, dirs, files in os.walk(root, topdown=False):
                 for name in files:
                     remove_quietly(os.path.join(top, name))
-                if top != root:
-                    for name in dirs:
+                for name in dirs:
+                    # A concurrent writer may have filled it again: keep it then.
+                    with contextlib.suppress(OSError):
                         os.rmdir(os.path.join(top, name))
-            for name in os.listdir(root):
-                full = os.path.join(root, name)
-                if os.path.isdir(full):
-                    os.rmdir(full)
 
         await anyio.to_thread.run_sync(remove_all, limiter=self._threads())
         if self._index is not None:

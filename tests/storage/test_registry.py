@@ -68,3 +68,17 @@ def test_namespace_suffix_follows_sglang() -> None:
 def test_backends_are_storage_classes() -> None:
     assert issubclass(FileStorage, HiCacheStorage)
     assert issubclass(MemoryStorage, HiCacheStorage)
+
+
+def test_storage_exports_are_stable() -> None:
+    import hicache_async.storage as storage
+
+    assert set(storage.__all__) >= {
+        "HiCacheStorage",
+        "HiCacheStorageConfig",
+        "HiCacheStorageExtraInfo",
+        "available_backends",
+        "create_storage",
+    }
+    for name in storage.__all__:
+        assert hasattr(storage, name), name
