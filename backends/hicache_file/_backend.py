@@ -13,8 +13,7 @@ from typing import Any
 
 import anyio
 
-from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, PageBuffer
-from hicache_async.storage._base import error_kind
+from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, PageBuffer, error_kind
 from hicache_async.storage.codec import TRAILER_SIZE, key_digest
 from hicache_async.storage.threads import run_in_threads
 from hicache_file._lru import LruIndex, scan_store
@@ -51,7 +50,7 @@ class FileStorage(HiCacheStorage):
         return self._path(key_digest(key).hex())
 
     def _path(self, hexdigest: str) -> str:
-        return os.path.join(self.root, hexdigest[:2], hexdigest[2:4], hexdigest + ".kv")
+        return f"{self.root}/{hexdigest[:2]}/{hexdigest[2:4]}/{hexdigest}.kv"
 
     def _threads(self) -> anyio.CapacityLimiter:
         # Created on first use: a limiter belongs to the running event loop.
