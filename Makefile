@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-run: $(STAMP)          ## the main job
-	$(BIN)/hicache-async info
+run: $(STAMP)          ## the main job: the demo (run it twice: the second starts with L3 hits)
+	$(BIN)/hicache-async demo
 
 demo: run
 

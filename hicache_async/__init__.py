@@ -7,6 +7,7 @@ L3 storage), and every move between tiers is an async task on the caller's event
 from __future__ import annotations
 
 from hicache_async._version import __version__
+from hicache_async.cache import CacheState, HiCache
 from hicache_async.config import (
     EvictionPolicy,
     HiCacheConfig,
@@ -28,15 +29,19 @@ from hicache_async.errors import (
     TransferError,
 )
 from hicache_async.layout import KVLayout
+from hicache_async.session import Hit, Session
 
 __all__ = [
+    "CacheState",
     "CapacityError",
     "ClosedError",
     "ConfigError",
     "CorruptPageError",
     "EvictionPolicy",
+    "HiCache",
     "HiCacheConfig",
     "HiCacheError",
+    "Hit",
     "HostLayout",
     "IOBackend",
     "IndexStateError",
@@ -44,6 +49,7 @@ __all__ = [
     "KVLayout",
     "LayoutError",
     "PrefetchPolicy",
+    "Session",
     "StorageError",
     "TransferError",
     "WritePolicy",

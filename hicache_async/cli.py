@@ -80,6 +80,66 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    import anyio
+
+    from hicache_async.demo.run import DemoOptions, format_report, run_demo
+
+    options = DemoOptions(conversations=args.conversations, turns=args.turns, seed=args.seed)
+    if args.dir is not None:
+        options.directory = Path(args.dir)
+    if args.fresh and options.directory.exists():
+        shutil.rmtree(options.directory)
+    report = anyio.run(run_demo, options)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(format_report(report, options.directory))
+    return 0 if report.verified == report.requests else 1
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import anyio
+
+    from hicache_async.workloads.replay import ReplayOptions, replay
+
+    options = ReplayOptions(
+        trace=Path(args.trace),
+        page_tokens=args.page_tokens,
+        l1_pages=args.l1_pages,
+        l2_pages=args.l2_pages,
+        l3=args.l3,
+        l3_path=Path(args.l3_path) if args.l3_path else None,
+        eviction_policy=args.eviction_policy,
+        write_policy=args.write_policy,
+        prefetch_policy=args.prefetch_policy,
+        concurrency=args.concurrency,
+        verify=args.verify,
+        drain_each=args.drain_each,
+        limit=args.limit,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    result = anyio.run(replay, options).as_dict()
+    if args.json:
+        print(json.dumps(result))
+        return 0 if result["verify_failures"] == 0 else 1
+    print(f"{result['requests']} requests, {result['pages']} pages, {result['wall_s']:.1f} s")
+    print(
+        f"hit ratio: {result['hit_ratio_pages']:.4f} of pages, "
+        f"{result['hit_ratio_tokens']:.4f} of tokens"
+    )
+    for tier, hits in result["tiers"].items():
+        print(f"  {tier:<8} {hits['hit_pages']:>9} hit pages")
+    if args.verify:
+        print(f"verify failures: {result['verify_failures']}")
+    return 0 if result["verify_failures"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -91,6 +151,38 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="version, resolved config and optional parts")
     info.add_argument("--json", action="store_true", help="one JSON document on stdout")
     info.set_defaults(func=_info)
+
+    demo = commands.add_parser(
+        "demo", help="serve multi-turn chats through the cache and check every hit"
+    )
+    demo.add_argument("--dir", help="L3 directory (default ~/.cache/hicache-async/demo)")
+    demo.add_argument("--fresh", action="store_true", help="empty the L3 directory first")
+    demo.add_argument("--conversations", type=int, default=24)
+    demo.add_argument("--turns", type=int, default=4)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    demo.set_defaults(func=_demo)
+
+    rep = commands.add_parser("replay", help="replay a Mooncake-format trace through the cache")
+    rep.add_argument("trace", help="JSONL trace (timestamp, input_length, hash_ids)")
+    rep.add_argument("--page-tokens", type=int, default=16, help="tokens per page (one hash id)")
+    rep.add_argument("--l1-pages", type=int, default=4096)
+    rep.add_argument("--l2-pages", type=int, default=0, help="0 = no L2")
+    rep.add_argument("--l3", default="none", help="none, file, memory, redis, ...")
+    rep.add_argument("--l3-path", help="directory of the file L3")
+    rep.add_argument("--eviction-policy", default="lru")
+    rep.add_argument("--write-policy", default="write_through")
+    rep.add_argument("--prefetch-policy", default="wait_complete")
+    rep.add_argument("--concurrency", type=int, default=1)
+    rep.add_argument("--verify", action="store_true", help="check every hit byte for byte")
+    rep.add_argument(
+        "--drain-each",
+        action="store_true",
+        help="let backups and L3 writes finish after each request (a compute-bound server)",
+    )
+    rep.add_argument("--limit", type=int, help="replay only the first N lines")
+    rep.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    rep.set_defaults(func=_replay)
     return parser
 
 

@@ -82,12 +82,27 @@ class KVEventsConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    publisher: Literal["zmq", "null"] = "zmq"
-    endpoint: str = "tcp://127.0.0.1:5557"  # loopback: binding all interfaces is opt-in
-    replay_endpoint: str | None = None
-    topic: str = ""
-    buffer_steps: int = Field(default=10_000, gt=0)
-    hwm: int = Field(default=100_000, ge=0)
+    publisher: Literal["zmq", "null"] = Field(
+        default="zmq", description="zmq publishes; null only feeds cache.events()."
+    )
+    endpoint: str = Field(
+        default="tcp://127.0.0.1:5557",
+        description="PUB socket; loopback unless you name another interface.",
+    )
+    replay_endpoint: str | None = Field(
+        default=None, description="ROUTER socket that resends buffered batches; off when unset."
+    )
+    topic: str = Field(default="", description="First frame of every message.")
+    buffer_steps: int = Field(default=10_000, gt=0, description="Batches kept for replay.")
+    hwm: int = Field(default=100_000, ge=0, description="ZMQ send high-water mark.")
+    medium_names: Literal["sglang", "vllm"] = Field(
+        default="sglang",
+        description="Medium names on the wire: SGLang's (GPU, CPU_PINNED, DISK, EXTERNAL) or "
+        "vLLM's (GPU, CPU, STORAGE).",
+    )
+    hash_format: Literal["int64", "bytes"] = Field(
+        default="int64", description="Block hashes as the low 64 bits (vLLM's default) or raw."
+    )
 
 
 _BACKEND_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")

@@ -6,13 +6,16 @@ import hicache_async
 import hicache_async.errors as errors
 
 PUBLIC = {
+    "CacheState",
     "CapacityError",
     "ClosedError",
     "ConfigError",
     "CorruptPageError",
     "EvictionPolicy",
+    "HiCache",
     "HiCacheConfig",
     "HiCacheError",
+    "Hit",
     "HostLayout",
     "IOBackend",
     "IndexStateError",
@@ -20,6 +23,7 @@ PUBLIC = {
     "KVLayout",
     "LayoutError",
     "PrefetchPolicy",
+    "Session",
     "StorageError",
     "TransferError",
     "WritePolicy",
@@ -49,4 +53,4 @@ def test_every_error_derives_from_hicache_error_and_shadows_no_builtin() -> None
 
 
 def test_the_documented_imports() -> None:
-    from hicache_async import HiCacheConfig, HiCacheError, KVLayout  # noqa: F401
+    from hicache_async import HiCache, HiCacheConfig, HiCacheError, KVLayout  # noqa: F401

@@ -1,0 +1,162 @@
+"""Requests/s and event-loop lag of the runtime, and its overhead over the bare tree and pools.
+
+Three measurements in one process:
+
+* ``mixed``: concurrent sessions (match, load, allocate, commit) over prompts with shared
+  prefixes and unique tails, L1 + L2, while a ticker task measures its own lateness;
+* ``hit_runtime``: the hit path through sessions (every prompt fully cached in L1);
+* ``hit_direct``: the same hit path calling the tree directly (key, match, lock, unlock), the
+  least any runtime must do. ``overhead`` = runtime / direct - 1 (target < 15%).
+
+    python benchmarks/bench_runtime.py [--requests 4000] [--concurrency 32] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import torch
+
+from hicache_async import HiCache, HiCacheConfig, KVLayout
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", page_size=16)
+SMALL = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float16", page_size=16)
+
+
+def prompts(n: int, seed: int = 0) -> list[torch.Tensor]:
+    rng = random.Random(seed)
+    systems = [torch.arange(i * 10_000, i * 10_000 + 512) for i in range(8)]
+    out = []
+    for _ in range(n):
+        tail = torch.randint(1_000_000, 2_000_000, (rng.randrange(16, 512),))
+        out.append(torch.cat([systems[rng.randrange(8)], tail]))
+    return out
+
+
+def config(device_pages: int, layout: KVLayout = LAYOUT) -> HiCacheConfig:
+    return HiCacheConfig(
+        layout=layout,
+        device="cpu",
+        device_pages=device_pages,
+        host_pages=2 * device_pages,
+        storage_backend="none",
+    )
+
+
+async def mixed(requests: list[torch.Tensor], concurrency: int) -> dict[str, Any]:
+    lateness: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            start = time.perf_counter()
+            await anyio.sleep(0.001)
+            lateness.append(time.perf_counter() - start - 0.001)
+
+    async with HiCache.open(config(device_pages=4096)) as cache:
+        send, receive = anyio.create_memory_object_stream[torch.Tensor](len(requests))
+        for tokens in requests:
+            send.send_nowait(tokens)
+        send.close()
+
+        async def worker(queue: Any) -> None:
+            async with queue:
+                async for tokens in queue:
+                    async with cache.session(tokens) as s:
+                        hit = await s.load()
+                        new = s.allocate(tokens.numel() - hit.length)
+                        await anyio.lowlevel.checkpoint()  # the model would run here
+                        await s.commit(new)
+
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            async with anyio.create_task_group() as workers:
+                with receive:
+                    for _ in range(concurrency):
+                        workers.start_soon(worker, receive.clone())
+            tg.cancel_scope.cancel()
+        elapsed = time.perf_counter() - start
+        stats = cache.stats()
+    lateness.sort()
+    hit_tokens = sum(t.hit_tokens for t in stats.tiers.values())
+    return {
+        "requests": len(requests),
+        "seconds": elapsed,
+        "requests_per_s": len(requests) / elapsed,
+        "hit_ratio_tokens": hit_tokens / sum(t.numel() for t in requests),
+        "loop_lag_ms": {
+            "p50": lateness[len(lateness) // 2] * 1e3,
+            "p99": lateness[int(len(lateness) * 0.99)] * 1e3,
+            "max": lateness[-1] * 1e3,
+        },
+    }
+
+
+async def hit_path(requests: list[torch.Tensor], repeats: int) -> dict[str, Any]:
+    """Per-request time of a full L1 hit, through sessions and through the tree directly.
+
+    L1 holds every prompt (a small layout keeps that cheap), so nothing is evicted or loaded:
+    what is measured is the bookkeeping."""
+    pages = sum(t.numel() for t in requests) // SMALL.page_size + len(requests)
+    async with HiCache.open(config(device_pages=pages, layout=SMALL)) as cache:
+        for tokens in requests:  # warm: every prompt cached
+            async with cache.session(tokens) as s:
+                hit = await s.load()
+                await s.commit(s.allocate(tokens.numel() - hit.length))
+        await cache.drain()
+        runtime, direct = [], []
+        for _ in range(repeats):  # interleaved, so both see the same machine state
+            start = time.perf_counter()
+            for tokens in requests:
+                async with cache.session(tokens) as s:
+                    await s.load()
+            runtime.append((time.perf_counter() - start) / len(requests))
+            start = time.perf_counter()
+            tree = cache.tree
+            for tokens in requests:
+                match = tree.match_prefix(cache.key(tokens))  # a request brings its tokens
+                tree.lock(match.last_device_node)
+                tree.lock_host(match.last_host_node)
+                tree.unlock_host(match.last_host_node)
+                tree.unlock(match.last_device_node)
+            direct.append((time.perf_counter() - start) / len(requests))
+    r, d = statistics.median(runtime), statistics.median(direct)
+    return {"runtime_us": r * 1e6, "direct_us": d * 1e6, "overhead": r / d - 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    reqs = prompts(args.requests)
+    result = {
+        "mixed": anyio.run(mixed, reqs, args.concurrency),
+        "hit_path": anyio.run(hit_path, reqs[:500], args.repeats),
+        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    m, h = result["mixed"], result["hit_path"]
+    print(
+        f"mixed: {m['requests_per_s']:.0f} requests/s, hit ratio {m['hit_ratio_tokens']:.2f}, "
+        f"loop lag p50 {m['loop_lag_ms']['p50']:.2f} ms p99 {m['loop_lag_ms']['p99']:.2f} ms"
+    )
+    print(
+        f"hit path: runtime {h['runtime_us']:.1f} us, direct {h['direct_us']:.1f} us, "
+        f"overhead {h['overhead']:.0%}"
+    )
+
+
+if __name__ == "__main__":
+    main()

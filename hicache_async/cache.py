@@ -1,0 +1,442 @@
+"""The ``HiCache`` facade: builds the tiers, runs their background tasks, hands out sessions.
+
+```python
+async with HiCache.open(config) as cache:
+    async with cache.session(tokens) as s:
+        ...
+```
+
+Everything the index owns is touched on the event loop thread only. The background tasks (the
+event poller, the backup worker, the write-back pipeline, the KV event publisher) live in one
+task group owned by the cache: leaving the ``async with`` block drains them for up to
+``drain_timeout`` seconds, cancels what is left, and closes the L3 backend.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import warnings
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import torch
+import torch.distributed as dist
+from anyio.abc import TaskGroup
+
+from hicache_async.config import HiCacheConfig, WritePolicy
+from hicache_async.errors import ClosedError, HiCacheError
+from hicache_async.events import AllBlocksCleared, EventHub, EventStream, KVEvent, StorageMedium
+from hicache_async.memory.host_pool import HostKVPool
+from hicache_async.metrics import (
+    CacheStats,
+    Counters,
+    QueueStats,
+    StorageStats,
+    Tier,
+    TierStats,
+)
+from hicache_async.radix import TOKEN_BYTES, MatchResult, NodeState, RadixKey, RadixTree, TreeNode
+from hicache_async.radix import Tier as RadixTier
+from hicache_async.session import Session
+from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, create_storage
+from hicache_async.tiers._events import stored_event
+from hicache_async.tiers._l1 import build_l1
+from hicache_async.tiers._pending import Pending
+from hicache_async.tiers._span import span_chain
+from hicache_async.tiers.backup import Backup, BackupJob
+from hicache_async.tiers.consensus import RankConsensus
+from hicache_async.tiers.device import DeviceTier
+from hicache_async.tiers.host import HostTier
+from hicache_async.tiers.load import Load
+from hicache_async.tiers.prefetch import Prefetcher
+from hicache_async.tiers.write_back import WriteBack
+
+__all__ = ["CacheState", "HiCache"]
+
+log = logging.getLogger(__name__)
+
+
+class CacheState(enum.Enum):
+    """Lifecycle of a cache."""
+
+    NEW = "new"  # built; background tasks not started
+    OPEN = "open"  # serving
+    CLOSING = "closing"  # draining background work; new sessions are refused
+    CLOSED = "closed"  # tasks stopped, backend closed; every call raises ClosedError
+
+
+class HiCache:
+    """A hierarchical KV cache on the caller's event loop. Open it with :meth:`open`."""
+
+    def __init__(
+        self,
+        config: HiCacheConfig,
+        *,
+        storage: HiCacheStorage | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        model_name: str | None = None,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self.config = config
+        self.layout = config.layout
+        self.page_size = config.layout.page_size
+        self.token_bytes = TOKEN_BYTES
+        self.drain_timeout = drain_timeout
+        self.state = CacheState.NEW
+        self.counters = Counters()
+        self.hub = EventHub()
+        device = config.resolve_device()
+        self.tree = RadixTree(self.page_size, config.eviction_policy, device=device)
+        self.host_pool: HostKVPool | None = None
+        self.host_tier: HostTier | None = None
+        if config.host_enabled:
+            self.host_pool = HostKVPool(self.layout, config.resolved_host_pages, config.host_layout)
+            self.host_tier = HostTier(self.tree, self.host_pool, self.hub)
+        self.l1 = build_l1(config, device, self.host_pool)
+        self.device_pool = self.l1.pool
+        self.device_tier = DeviceTier(
+            self.tree,
+            self.l1.allocator,
+            self.page_size,
+            self.hub,
+            host_allocator=self.host_pool.allocator if self.host_pool else None,
+        )
+        self.consensus = RankConsensus(process_group) if process_group is not None else None
+        agree = self.consensus.agree if self.consensus is not None else None
+        self.storage = storage
+        if self.storage is None and config.storage_enabled:
+            rank = dist.get_rank(process_group) if process_group is not None else 0
+            size = dist.get_world_size(process_group) if process_group is not None else 1
+            self.storage = create_storage(
+                config.storage_backend,
+                HiCacheStorageConfig(
+                    tp_rank=rank,
+                    tp_size=size,
+                    is_mla_model=self.layout.use_mla,
+                    is_page_first_layout=self.host_pool is not None
+                    and self.host_pool.is_page_first,
+                    model_name=model_name,
+                    extra_config=config.storage_options,
+                ),
+            )
+        self.write_back: WriteBack | None = None
+        self.prefetcher: Prefetcher | None = None
+        if self.storage is not None:
+            if self.host_pool is None or self.host_tier is None:
+                raise HiCacheError("L3 storage needs an L2 host pool")
+            self.storage.register_mem_pool_host(self.host_pool)
+            medium = (
+                StorageMedium.DISK if config.storage_backend == "file" else StorageMedium.EXTERNAL
+            )
+            self.write_back = WriteBack(
+                self.tree, self.storage, self.counters, self.hub, medium=medium, agree=agree
+            )
+            self.prefetcher = Prefetcher(
+                self.tree,
+                self.host_tier,
+                self.storage,
+                self.counters,
+                self.hub,
+                threshold_tokens=config.prefetch_threshold,
+                capacity_pages=config.resolved_prefetch_capacity_pages,
+                agree=agree,
+            )
+        self.backup: Backup | None = None
+        self.loader: Load | None = None
+        if self.host_tier is not None and self.l1.engine is not None:
+            self.loader = Load(
+                self.tree,
+                self.device_tier,
+                self.l1.engine,
+                self.counters,
+                self.hub,
+                bytes_per_page=self.layout.bytes_per_page,
+            )
+            self.backup = Backup(
+                self.tree,
+                self.host_tier,
+                self.l1.engine,
+                self.counters,
+                self.hub,
+                write_back=self.write_back,
+            )
+        send, receive = anyio.create_memory_object_stream[BackupJob](max_buffer_size=1024)
+        self._backups = (send, receive)
+        self.backups_dropped = 0
+        self.backup_batch = 256  # backups moved by one engine call
+        self._backups_pending = Pending()
+        self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: HiCacheConfig, **options: Any) -> AsyncIterator[HiCache]:
+        """Build a cache, start its background tasks, and close it when the block ends."""
+        async with cls(config, **options) as cache:
+            yield cache
+
+    async def __aenter__(self) -> Self:
+        if self.state is not CacheState.NEW:
+            raise HiCacheError(f"a cache is opened once; this one is {self.state.value}")
+        async with AsyncExitStack() as stack:
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            await self.l1.start(self._tg)
+            self._tg.start_soon(self._backup_worker)
+            if self.write_back is not None:
+                self._tg.start_soon(self.write_back.run)
+            if self.config.kv_events is not None and self.config.kv_events.publisher == "zmq":
+                from hicache_async.kv_publisher import ZmqEventPublisher
+
+                await stack.enter_async_context(
+                    ZmqEventPublisher.open(self.config.kv_events, self.hub)
+                )
+            self._stack = stack.pop_all()
+        self.state = CacheState.OPEN
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Drain background work (up to ``drain_timeout``), cancel the rest, close L3.
+
+        Idempotent; completes even when the caller is cancelled."""
+        if self.state in (CacheState.CLOSING, CacheState.CLOSED) or self._stack is None:
+            self.state = CacheState.CLOSED
+            return
+        self.state = CacheState.CLOSING
+        stack, self._stack = self._stack, None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.drain_timeout):
+            await self.drain()
+        self._backups[0].close()
+        if self.write_back is not None:
+            self.write_back.close()
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            await stack.aclose()  # leaves the task group: every background task has ended
+        finally:
+            with anyio.CancelScope(shield=True):
+                if self.storage is not None:
+                    await self.storage.aclose()
+            self.hub.close()
+            self.state = CacheState.CLOSED
+
+    async def drain(self) -> None:
+        """Wait until every prefetch, queued backup and L3 write-back has finished."""
+        if self.prefetcher is not None:
+            await self.prefetcher.running.wait_idle()
+        await self._backups_pending.wait_idle()
+        if self.write_back is not None:
+            await self.write_back.pending.wait_idle()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "state", None) is CacheState.OPEN:
+            _warn(f"{self!r} was never closed", ResourceWarning, stacklevel=1, source=self)
+
+    def _check_open(self) -> None:
+        if self.state is not CacheState.OPEN:
+            raise ClosedError(f"the cache is {self.state.value}; open it with HiCache.open()")
+
+    @property
+    def _task_group(self) -> TaskGroup:
+        self._check_open()
+        assert self._tg is not None
+        return self._tg
+
+    # -- requests -------------------------------------------------------------------------
+
+    def key(self, tokens: Sequence[int] | torch.Tensor, extra_key: str | None = None) -> RadixKey:
+        """The radix key of a prompt (tokens as a list, array or integer tensor)."""
+        return RadixKey(tokens, extra_key)
+
+    def session(
+        self,
+        tokens: Sequence[int] | torch.Tensor,
+        extra_key: str | None = None,
+        *,
+        priority: int = 0,
+    ) -> Session:
+        """A request's session: ``async with cache.session(tokens) as s: ...``."""
+        self._check_open()
+        return Session(self, self.key(tokens, extra_key), priority)
+
+    def events(self, max_batches: int = 10_000) -> EventStream:
+        """A bounded stream of KV event batches from now on (``async with`` it to close)."""
+        return self.hub.subscribe(max_batches)
+
+    async def clear(self, *, storage: bool = False) -> None:
+        """Drop every page from L1 and L2 (and from L3 when ``storage``), once background
+        work has drained. Requests must have ended: a held page is a :class:`HiCacheError`."""
+        self._check_open()
+        await self.drain()
+        tree = self.tree
+        if tree.protected_size(RadixTier.DEVICE) or tree.protected_size(RadixTier.HOST):
+            raise HiCacheError("clear() while requests hold cached pages; let them finish first")
+        self.device_tier.evict(self.l1.allocator.usable, keep_host=False, emit=False)
+        events: list[KVEvent] = [AllBlocksCleared(StorageMedium.GPU)]
+        if self.host_tier is not None and self.host_pool is not None:
+            self.host_tier.evict(self.host_pool.allocator.usable, emit=False)
+            events.append(AllBlocksCleared(StorageMedium.CPU_PINNED))
+        if storage and self.storage is not None and self.write_back is not None:
+            await self.storage.clear()
+            events.append(AllBlocksCleared(self.write_back.medium))
+        self.hub.emit(events)
+
+    # -- the lower level (for frameworks with their own scheduler) -------------------------
+
+    def match_prefix(self, key: RadixKey) -> MatchResult:
+        """The longest cached prefix of ``key`` (device part, then host part)."""
+        self._check_open()
+        return self.tree.match_prefix(key)
+
+    async def ensure_device_room(self, pages: int) -> bool:
+        """Free ``pages`` L1 pages now (evicting), waiting for backups in flight when they pin
+        what would be evicted; False if even that is not enough. Under ``write_back``, the
+        pages about to be evicted are backed up first, so they move to L2 instead of being
+        lost."""
+        allocator = self.l1.allocator
+        while True:
+            short = pages - allocator.available
+            if short <= 0:
+                return True
+            if self.config.write_policy is WritePolicy.WRITE_BACK:
+                await self._back_up_victims(short)
+            self.device_tier.evict(short)
+            if allocator.available >= pages:
+                return True
+            if not self._backups_pending.count:
+                return False
+            await self._backups_pending.wait_idle()
+
+    async def _back_up_victims(self, short: int) -> None:
+        if self.backup is None or short <= 0:
+            return
+        tokens = short * self.page_size
+        for node in self.tree.eviction_candidates(max(1, short)):
+            if tokens <= 0:
+                break
+            tokens -= node.num_tokens
+            if node.state is NodeState.DEVICE:
+                await self.backup.backup(node)
+
+    def _after_insert(self, key: RadixKey, new_tokens: int) -> None:
+        """Announce the ``new_tokens`` that ``key``'s insert put on L1; ``write_through``:
+        back them up."""
+        if new_tokens <= 0:
+            return
+        last = self.tree.match_prefix(key).last_device_node
+        if self.hub.active:
+            span = span_chain(last, new_tokens)
+            self.hub.emit([stored_event(self.tree, node, StorageMedium.GPU) for node in span])
+        if self.config.write_policy is WritePolicy.WRITE_THROUGH:
+            self._schedule_backups(last, hits=0)
+
+    def _after_match(self, match: MatchResult) -> None:
+        """``write_through_selective``: back up a prefix once it has been hit twice."""
+        if self.config.write_policy is WritePolicy.WRITE_THROUGH_SELECTIVE:
+            self._schedule_backups(match.last_device_node, hits=2)
+
+    def _schedule_backups(self, last: TreeNode, *, hits: int) -> None:
+        """Reserve backups of the device-only nodes on the path to ``last`` hit at least
+        ``hits`` times (parents first: a prefix is useful without its suffix)."""
+        if self.backup is None:
+            return
+        todo = []
+        node: TreeNode | None = last
+        while node is not None and node.parent is not None:
+            if node.state is NodeState.DEVICE and node.hit_count >= hits:
+                todo.append(node)
+            node = node.parent
+        for node in reversed(todo):
+            job = self.backup.reserve(node)  # pinned now, copied by the backup worker
+            if job is None:
+                continue
+            try:
+                self._backups[0].send_nowait(job)
+            except anyio.WouldBlock:
+                self.backup.rollback(job)
+                self.backups_dropped += 1
+            else:
+                self._backups_pending.add()
+
+    async def _backup_worker(self) -> None:
+        assert self.backup is not None or not self._backups_pending.count
+        receive = self._backups[1]
+        async with receive:
+            async for first in receive:
+                jobs = [first]
+                while len(jobs) < self.backup_batch:  # one copy for everything queued
+                    try:
+                        jobs.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                try:
+                    if self.backup is not None:
+                        await self.backup.run_batch(jobs)
+                finally:
+                    self._backups_pending.done(len(jobs))
+
+    # -- numbers --------------------------------------------------------------------------
+
+    def stats(self) -> CacheStats:
+        """A JSON-ready snapshot of hits, occupancy, transitions, queues and faults."""
+        ps = self.page_size
+        tree = self.tree
+        occupancy = {
+            Tier.DEVICE: TierStats(
+                capacity_pages=self.l1.allocator.usable,
+                used_pages=self.l1.allocator.used,
+                locked_pages=tree.protected_size(RadixTier.DEVICE) // ps,
+                evictable_pages=tree.evictable_size(RadixTier.DEVICE) // ps,
+            )
+        }
+        if self.host_pool is not None:
+            occupancy[Tier.HOST] = TierStats(
+                capacity_pages=self.host_pool.allocator.usable,
+                used_pages=self.host_pool.allocator.used,
+                locked_pages=tree.protected_size(RadixTier.HOST) // ps,
+                evictable_pages=tree.evictable_size(RadixTier.HOST) // ps,
+            )
+        queues = {
+            "backup": QueueStats(
+                depth=self._backups[1].statistics().current_buffer_used,
+                capacity=int(self._backups[1].statistics().max_buffer_size),
+            )
+        }
+        storage = StorageStats()
+        if self.write_back is not None:
+            queues["write_back"] = QueueStats(
+                depth=self.write_back.depth, capacity=self.write_back.capacity
+            )
+        if self.storage is not None:
+            errors = self.storage.stats.errors
+            storage = StorageStats(
+                errors=self.storage.stats.error_count, corrupt_pages=errors.get("corrupt", 0)
+            )
+        snapshot = CacheStats.from_counters(
+            self.counters,
+            occupancy,
+            queues=queues,
+            events_published=self.hub.published,
+            events_dropped=self.hub.dropped,
+        )
+        return snapshot.model_copy(update={"storage": storage})
+
+    def __repr__(self) -> str:
+        return (
+            f"HiCache(state={self.state.value}, device_pages={self.config.device_pages}, "
+            f"host_pages={self.config.resolved_host_pages}, "
+            f"storage={self.config.storage_backend!r})"
+        )

@@ -1,0 +1,1 @@
+"""The demo: a small transformer served through the cache (the README's first command)."""

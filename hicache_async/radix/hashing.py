@@ -1,0 +1,65 @@
+"""Chained SHA-256 page hashes: the L3 storage keys and the KV-event block hashes.
+
+Page ``i`` hashes to ``sha256(prev + tokens_i)`` where ``tokens_i`` are the page's token ids as
+4-byte little-endian ints and ``prev`` is the raw 32-byte digest of page ``i - 1``. The first page
+of a chain has no ``prev``; instead, when the key has an ``extra_key``, its UTF-8 bytes come first
+(``sha256(extra_key + tokens_0)``), so two namespaces never produce the same hashes. Hex strings
+out; deterministic across processes and machines (no ``hash()``, no seeds).
+
+The tree computes these lazily, once per page, and caches them on the node: never on the match or
+insert path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from hicache_async.radix.key import RadixInputError, TokenIds, tokens_to_bytes
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+
+__all__ = ["hash_pages", "page_hashes"]
+
+
+def hash_pages(
+    data: bytes,
+    page_size: int,
+    extra_key: str | None = None,
+    parent_hash: str | None = None,
+) -> list[str]:
+    """Hashes of the whole pages of int64-LE token bytes ``data`` (a partial tail is ignored)."""
+    if page_size <= 0:
+        raise RadixInputError(f"page_size must be positive, got {page_size}")
+    ids = np.frombuffer(data, dtype="<i8")
+    if ids.size and (int(ids.min()) < _I32_MIN or int(ids.max()) > _I32_MAX):
+        raise RadixInputError("page hashes need token ids that fit in int32")
+    data = ids.astype("<i4").tobytes()
+    step = page_size * 4
+    n = len(data) // step * step
+    out: list[str] = []
+    sha = hashlib.sha256
+    if parent_hash is not None:
+        prev = bytes.fromhex(parent_hash)
+    else:
+        prev = b"" if extra_key is None else extra_key.encode()
+    for off in range(0, n, step):
+        digest = sha(prev + data[off : off + step]).digest()
+        out.append(digest.hex())
+        prev = digest
+    return out
+
+
+def page_hashes(
+    token_ids: TokenIds,
+    page_size: int,
+    extra_key: str | None = None,
+    parent_hash: str | None = None,
+) -> list[str]:
+    """Chained SHA-256 hex digests, one per whole page of ``token_ids``.
+
+    ``parent_hash`` continues a chain (the hash of the page before ``token_ids``); the extra key
+    is folded in only where a chain starts, i.e. when ``parent_hash`` is None.
+    """
+    return hash_pages(tokens_to_bytes(token_ids), page_size, extra_key, parent_hash)

@@ -1,0 +1,117 @@
+"""Radix keys: token ids stored compactly, plus the namespace they live in.
+
+A :class:`RadixKey` keeps its token ids as int64 little-endian ``bytes``: the width every
+framework already hands over (``array('q')``, int64 tensors and numpy arrays), so building a key is
+one ``memcpy`` with no range check. The tree compares keys with ``bytes.startswith`` and dict
+look-ups on the first page's bytes, so matching is C-level ``memcmp`` with no per-token Python
+work. (Page hashes narrow the ids to int32 lazily, off the hot path.)
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
+import numpy as np
+import torch
+
+from hicache_async.errors import HiCacheError
+
+__all__ = ["TOKEN_BYTES", "RadixInputError", "RadixKey", "TokenIds", "tokens_to_bytes"]
+
+TOKEN_BYTES = 8  # one token id = int64, little-endian
+_I64 = np.dtype("<i8")
+_I64_MAX = 2**63 - 1
+_NATIVE_LE = sys.byteorder == "little"
+
+TokenIds: TypeAlias = "Sequence[int] | array[Any] | np.ndarray[Any, Any] | torch.Tensor | bytes"
+
+
+class RadixInputError(HiCacheError, ValueError):
+    """Bad input to the radix index: token ids or slot indices of the wrong dtype, shape, range
+    or length. Also a :class:`ValueError`."""
+
+
+def _from_numpy(a: np.ndarray[Any, Any]) -> bytes:
+    if a.ndim != 1:
+        raise RadixInputError(f"token ids must be 1-D, got shape {tuple(a.shape)}")
+    if a.dtype == _I64:
+        return a.tobytes()
+    if a.dtype.kind not in "iu":
+        raise RadixInputError(f"token ids must be integers, got dtype {a.dtype}")
+    if a.dtype == np.uint64 and a.size and int(a.max()) > _I64_MAX:
+        raise RadixInputError(f"token ids must fit in int64, got {int(a.max())}")
+    return a.astype(_I64).tobytes()
+
+
+def tokens_to_bytes(token_ids: TokenIds) -> bytes:
+    """Token ids (list, ``array``, numpy array, tensor, or int64-LE bytes) -> int64-LE bytes."""
+    if isinstance(token_ids, bytes):
+        if len(token_ids) % TOKEN_BYTES:
+            raise RadixInputError(
+                f"token bytes must be a multiple of {TOKEN_BYTES} long, got {len(token_ids)}"
+            )
+        return token_ids
+    if isinstance(token_ids, array):
+        if token_ids.typecode == "q" and _NATIVE_LE:
+            return token_ids.tobytes()  # the common case: one memcpy
+        if token_ids.typecode in "fd":
+            raise RadixInputError(
+                f"token ids must be integers, got array typecode {token_ids.typecode!r}"
+            )
+        return _from_numpy(np.frombuffer(token_ids, dtype=np.dtype(token_ids.typecode)))
+    if isinstance(token_ids, np.ndarray):
+        return _from_numpy(token_ids)
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
+            raise RadixInputError(
+                f"token ids must be an integer tensor, got dtype {token_ids.dtype}"
+            )
+        return _from_numpy(token_ids.detach().cpu().numpy())
+    try:
+        ids = array("q", token_ids)
+    except (TypeError, OverflowError) as exc:
+        raise RadixInputError(f"token ids must be int64 integers: {exc}") from exc
+    return ids.tobytes() if _NATIVE_LE else _from_numpy(np.frombuffer(ids, dtype=np.int64))
+
+
+class RadixKey:
+    """Token ids plus an optional namespace (``extra_key``: tenant, LoRA id, cache salt, ...).
+
+    Keys with different ``extra_key`` values never share a node of the tree.
+    """
+
+    __slots__ = ("data", "extra_key")
+
+    data: bytes  # int64 little-endian token ids
+    extra_key: str | None
+
+    def __init__(self, token_ids: TokenIds, extra_key: str | None = None) -> None:
+        if extra_key is not None and not isinstance(extra_key, str):
+            raise RadixInputError(
+                f"extra_key must be a str or None, got {type(extra_key).__name__}"
+            )
+        self.data = tokens_to_bytes(token_ids)
+        self.extra_key = extra_key
+
+    def __len__(self) -> int:
+        return len(self.data) // TOKEN_BYTES
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RadixKey):
+            return NotImplemented
+        return self.data == other.data and self.extra_key == other.extra_key
+
+    def __hash__(self) -> int:
+        return hash((self.data, self.extra_key))
+
+    def token_ids(self) -> list[int]:
+        """The token ids as Python ints (for display and KV events; not for hot paths)."""
+        return np.frombuffer(self.data, dtype=_I64).tolist()  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        ids = self.token_ids()
+        more = "..." if len(ids) > 8 else ""
+        return f"RadixKey({ids[:8]}{more}, len={len(ids)}, extra_key={self.extra_key!r})"

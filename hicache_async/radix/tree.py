@@ -1,0 +1,454 @@
+"""The radix tree over token pages: match, insert, split, lock refs, lazy page hashes.
+
+Synchronous by design: the event loop owns it (no locks, no awaits). Keys are int64-LE bytes;
+children are keyed by their first page's bytes, and a node's whole span is compared with one
+``bytes.startswith`` (a ``memcmp``), so neither match nor insert does per-token or per-page Python
+work. Page hashes are computed only when asked for (:meth:`RadixTree.page_hashes`).
+
+Residency invariant: a node that holds device slots (valid or reserved for a load) has a parent
+that is a root or holds device slots too. Host-only nodes hang below anything. A match counts
+device hits only while nodes are device-valid, so nothing below a loading node is a device hit
+until its load finishes.
+Eviction and tier transitions live in :mod:`hicache_async.radix.tiers`; this module is the index.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hicache_async.config import EvictionPolicy
+from hicache_async.errors import IndexStateError
+from hicache_async.radix.hashing import hash_pages
+from hicache_async.radix.key import TOKEN_BYTES, RadixInputError, RadixKey
+from hicache_async.radix.node import MatchResult, NodeState, Tier, TreeNode
+from hicache_async.radix.policy import EvictionHeap, make_policy
+
+__all__ = ["RadixTreeBase"]
+
+_I64 = np.dtype("<i8")
+_DEVICE = NodeState.DEVICE
+_HOST = NodeState.HOST
+_BOTH = NodeState.BOTH
+_LOADING = NodeState.LOADING
+_REMOVED = NodeState.REMOVED
+_DEVICE_VALID = frozenset({NodeState.DEVICE, NodeState.BOTH, NodeState.BACKING_UP})
+_HOST_VALID = frozenset({NodeState.HOST, NodeState.BOTH, NodeState.LOADING})
+
+
+def check_indices(indices: object, n_tokens: int, what: str) -> torch.Tensor:
+    """``indices`` as a 1-D int64 tensor of ``n_tokens`` slots, or a :class:`RadixInputError`."""
+    if not isinstance(indices, torch.Tensor):
+        raise RadixInputError(f"{what} must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype != torch.int64 or indices.dim() != 1:
+        raise RadixInputError(
+            f"{what} must be a 1-D int64 tensor, got dtype {indices.dtype} "
+            f"shape {tuple(indices.shape)}"
+        )
+    if indices.numel() != n_tokens:
+        raise RadixInputError(f"{what} has {indices.numel()} slots for {n_tokens} tokens")
+    return indices
+
+
+class RadixTreeBase:
+    """Index structure and the request path (match, insert, lock). See :class:`RadixTree`."""
+
+    def __init__(
+        self,
+        page_size: int = 1,
+        eviction_policy: EvictionPolicy | str = EvictionPolicy.LRU,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not isinstance(page_size, int) or page_size <= 0:
+            raise RadixInputError(f"page_size must be a positive int, got {page_size!r}")
+        self.page_size = page_size
+        self._pb = page_size * TOKEN_BYTES  # bytes per page
+        self.policy = make_policy(eviction_policy)
+        self._next_id = 0
+        self._tick = 0  # logical clock: every match/insert is one tick
+        self._empty = torch.empty(0, dtype=torch.int64, device=device)
+        self._empty_host = torch.empty(0, dtype=torch.int64)
+        self._dev_heap = EvictionHeap(self.policy, "dev_seq")
+        self._host_heap = EvictionHeap(self.policy, "host_seq")
+        # token counts per tier; a node's tokens are protected while its tier's lock ref > 0
+        self._dev_evictable = self._dev_protected = 0
+        self._host_evictable = self._host_protected = 0
+        self._roots: dict[str | None, TreeNode] = {}
+        self.root = self._root_for(None)
+
+    # ----------------------------------------------------------------------- counters
+
+    def evictable_size(self, tier: Tier = Tier.DEVICE) -> int:
+        """Tokens holding slots of ``tier`` with no lock of that tier (O(1))."""
+        return self._dev_evictable if tier is Tier.DEVICE else self._host_evictable
+
+    def protected_size(self, tier: Tier = Tier.DEVICE) -> int:
+        """Tokens holding slots of ``tier`` under a lock of that tier (O(1))."""
+        return self._dev_protected if tier is Tier.DEVICE else self._host_protected
+
+    def total_size(self, tier: Tier = Tier.DEVICE) -> int:
+        """Tokens holding slots of ``tier`` (valid or reserved for an in-flight copy)."""
+        return self.evictable_size(tier) + self.protected_size(tier)
+
+    # ----------------------------------------------------------------------- nodes
+
+    def _new_node(
+        self, key: bytes, parent: TreeNode | None, state: NodeState, priority: int = 0
+    ) -> TreeNode:
+        self._next_id += 1
+        return TreeNode(self._next_id, key, parent, state, self._tick, priority)
+
+    def _root_for(self, extra_key: str | None) -> TreeNode:
+        root = self._roots.get(extra_key)
+        if root is None:
+            # A root is never evicted or locked; its state is nominal (an empty prefix is on
+            # every tier). One root per extra key: namespaces never share a node.
+            root = self._new_node(b"", None, NodeState.BOTH)
+            root.extra_key = extra_key
+            self._roots[extra_key] = root
+        return root
+
+    def _refresh(self, node: TreeNode) -> None:
+        """Re-derive ``node``'s membership of the two eviction heaps."""
+        st = node.state
+        if (
+            (st is _DEVICE or st is _BOTH)
+            and node.device_lock_ref == 0
+            and node.n_dev_children == 0
+            and node.parent is not None
+        ):
+            if not node.dev_seq:
+                self._dev_heap.push(node)
+        elif node.dev_seq:
+            self._dev_heap.discard(node)
+        # Either lock keeps a node in the tree: host eviction removes nodes outright.
+        if st is _HOST and not (node.host_lock_ref or node.device_lock_ref or node.children):
+            if not node.host_seq:
+                self._host_heap.push(node)
+        elif node.host_seq:
+            self._host_heap.discard(node)
+
+    def _common_tokens(self, child_key: bytes, data: bytes, off: int, end: int) -> int:
+        """Whole-page tokens that ``child_key`` shares with ``data[off:end]``."""
+        m = min(len(child_key), end - off) // TOKEN_BYTES
+        a = np.frombuffer(child_key, dtype=_I64, count=m)
+        b = np.frombuffer(data, dtype=_I64, count=m, offset=off)
+        diff = np.flatnonzero(a != b)
+        first = int(diff[0]) if diff.size else m
+        return first - first % self.page_size
+
+    def _split(self, node: TreeNode, n_tokens: int) -> TreeNode:
+        """Cut ``node`` after ``n_tokens`` (page-aligned, inside it); return the new upper part.
+
+        The lower part stays the same object, so references to it (locks held by requests,
+        heap entries, children's parent pointers) stay valid.
+        """
+        kb = n_tokens * TOKEN_BYTES
+        parent = node.parent
+        assert parent is not None
+        assert 0 < kb < len(node.key)
+        upper = self._new_node(node.key[:kb], parent, node.state, node.priority)
+        upper.created = node.created
+        upper.last_access = node.last_access
+        upper.hit_count = node.hit_count
+        upper.device_lock_ref = node.device_lock_ref
+        upper.host_lock_ref = node.host_lock_ref
+        upper.written = node.written
+        if node.device_indices is not None:
+            upper.device_indices = node.device_indices[:n_tokens]
+            node.device_indices = node.device_indices[n_tokens:]
+        if node.host_indices is not None:
+            upper.host_indices = node.host_indices[:n_tokens]
+            node.host_indices = node.host_indices[n_tokens:]
+        if node.hashes is not None:
+            p = n_tokens // self.page_size
+            upper.hashes, node.hashes = node.hashes[:p], node.hashes[p:]
+        parent.children[upper.key[: self._pb]] = upper
+        node.key = node.key[kb:]
+        node.parent = upper
+        upper.children[node.key[: self._pb]] = node
+        upper.n_dev_children = 1 if node.state.holds_device else 0
+        # ``upper`` has a child in its own state, so it is no evictable leaf of either tier.
+        return upper
+
+    def _touch(self, node: TreeNode, tick: int) -> None:
+        node.last_access = tick
+        if node.dev_seq:  # re-file under the new key (policies order by access time)
+            self._dev_heap.push(node)
+        if node.host_seq:
+            self._host_heap.push(node)
+
+    # ----------------------------------------------------------------------- request path
+
+    def match_prefix(self, key: RadixKey) -> MatchResult:
+        """The longest cached whole-page prefix of ``key``; splits a node where the match ends
+        inside it, and refreshes access time and hit count along the matched path."""
+        pb = self._pb
+        data = key.data
+        end = len(data) // pb * pb
+        root = self._roots.get(key.extra_key)
+        if root is None or not end:
+            r = root or self.root
+            return MatchResult(self._empty, r, r, 0)
+        self._tick += 1
+        tick = self._tick
+        node = last_dev = last_host = root
+        off = host_bytes = 0
+        dev: list[torch.Tensor] = []
+        on_device = True
+        while off < end:
+            child = node.children.get(data[off : off + pb])
+            if child is None:
+                break
+            ck = child.key
+            cut = not data.startswith(ck, off)
+            if cut:
+                child = self._split(child, self._common_tokens(ck, data, off, end))
+                ck = child.key
+            child.hit_count += 1
+            if child.dev_seq or child.host_seq:
+                self._touch(child, tick)
+            else:
+                child.last_access = tick
+            st = child.state
+            if on_device and st in _DEVICE_VALID:
+                dev.append(child.device_indices)  # type: ignore[arg-type]
+                last_dev = last_host = child
+            elif st in _HOST_VALID:
+                on_device = False
+                host_bytes += len(ck)
+                last_host = child
+            else:
+                break
+            off += len(ck)
+            node = child
+            if cut:
+                break
+        if not dev:
+            indices = self._empty
+        elif len(dev) == 1:
+            indices = dev[0]
+        else:
+            indices = torch.cat(dev)
+        return MatchResult(indices, last_dev, last_host, host_bytes // TOKEN_BYTES)
+
+    def _walk_for_insert(
+        self, key: RadixKey, priority: int
+    ) -> tuple[TreeNode, int, int, list[tuple[TreeNode, int]]]:
+        """Follow ``key`` down, splitting where it diverges inside a node.
+
+        Returns (deepest matched node, matched bytes, aligned end, and the host-only nodes
+        passed with the byte offset where each starts)."""
+        pb = self._pb
+        data = key.data
+        end = len(data) // pb * pb
+        node = self._root_for(key.extra_key)
+        self._tick += 1
+        tick = self._tick
+        off = 0
+        host_only: list[tuple[TreeNode, int]] = []
+        while off < end:
+            child = node.children.get(data[off : off + pb])
+            if child is None:
+                break
+            ck = child.key
+            if not data.startswith(ck, off):
+                child = self._split(child, self._common_tokens(ck, data, off, end))
+                ck = child.key
+            if priority > child.priority:
+                child.priority = priority
+            self._touch(child, tick)
+            if child.state is _HOST:
+                host_only.append((child, off))
+            off += len(ck)
+            node = child
+        return node, off, end, host_only
+
+    def _attach(self, parent: TreeNode, child: TreeNode) -> None:
+        parent.children[child.key[: self._pb]] = child
+        if child.state.holds_device:
+            parent.n_dev_children += 1
+        self._refresh(parent)
+        self._refresh(child)
+
+    def insert(
+        self, key: RadixKey, device_indices: torch.Tensor, priority: int = 0, *, copy: bool = True
+    ) -> int:
+        """Insert ``key``'s whole pages with their device slots (one per token of ``key``).
+
+        Returns the number of leading tokens whose device copy was already cached: the caller
+        frees its own duplicate slots for them (and the slots of a partial last page). Host-only
+        nodes on the path adopt the caller's slots (the KV was recomputed) and become BOTH; new
+        nodes are DEVICE. ``copy=False`` keeps views of ``device_indices`` instead of copies:
+        for a caller that hands over a tensor it never writes again (a fresh allocation).
+        """
+        check_indices(device_indices, len(key), "device_indices")
+        node, off, end, host_only = self._walk_for_insert(key, priority)
+        cached = host_only[0][1] if host_only else off
+        for h, start in host_only:  # the KV was recomputed: keep the caller's copy
+            a = start // TOKEN_BYTES
+            part = device_indices[a : a + h.num_tokens]
+            self._set_device_copy(h, part.clone() if copy else part)
+        if off < end:
+            new = self._new_node(key.data[off:end], node, _DEVICE, priority)
+            part = device_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
+            new.device_indices = part.clone() if copy else part
+            self._dev_evictable += new.num_tokens
+            self._attach(node, new)
+        return cached // TOKEN_BYTES
+
+    def insert_host(
+        self, key: RadixKey, host_indices: torch.Tensor, priority: int = 0, *, copy: bool = True
+    ) -> int:
+        """Insert pages that arrived on host (from L3). Returns the tokens already in the tree
+        (any tier): the caller frees its duplicate host slots for them."""
+        check_indices(host_indices, len(key), "host_indices")
+        node, off, end, _ = self._walk_for_insert(key, priority)
+        if off < end:
+            new = self._new_node(key.data[off:end], node, _HOST, priority)
+            part = host_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
+            new.host_indices = part.clone() if copy else part
+            self._host_evictable += new.num_tokens
+            self._attach(node, new)
+        return off // TOKEN_BYTES
+
+    def _set_device_copy(self, node: TreeNode, device_indices: torch.Tensor) -> None:
+        """HOST -> BOTH with ``device_indices`` (validated by the caller)."""
+        node.device_indices = device_indices
+        node.state = _BOTH
+        n = node.num_tokens
+        if node.device_lock_ref:
+            self._dev_protected += n
+        else:
+            self._dev_evictable += n
+        parent = node.parent
+        assert parent is not None
+        parent.n_dev_children += 1
+        self._refresh(parent)
+        self._refresh(node)
+
+    # ----------------------------------------------------------------------- lock refs
+
+    def _check_live(self, node: TreeNode) -> None:
+        if node.state is _REMOVED:
+            raise IndexStateError(f"{node!r} was removed from the tree")
+
+    def lock(self, node: TreeNode) -> None:
+        """Protect the device copy of ``node`` and its ancestors from eviction."""
+        self._check_live(node)
+        x = node
+        while x.parent is not None:
+            if x.device_lock_ref == 0:
+                if x.state.holds_device:
+                    n = x.num_tokens
+                    self._dev_evictable -= n
+                    self._dev_protected += n
+                if x.dev_seq:
+                    self._dev_heap.discard(x)
+                if x.host_seq:
+                    self._host_heap.discard(x)
+            x.device_lock_ref += 1
+            x = x.parent
+
+    def unlock(self, node: TreeNode) -> None:
+        """Undo one :meth:`lock`; below zero is an :class:`IndexStateError` (nothing changes)."""
+        x = node
+        while x.parent is not None:
+            if x.device_lock_ref <= 0:
+                raise IndexStateError(f"device unlock below zero at {x!r} (from {node!r})")
+            x = x.parent
+        x = node
+        while x.parent is not None:
+            x.device_lock_ref -= 1
+            if x.device_lock_ref == 0:
+                if x.state.holds_device:
+                    n = x.num_tokens
+                    self._dev_evictable += n
+                    self._dev_protected -= n
+                if x.state is not _REMOVED:
+                    self._refresh(x)
+            x = x.parent
+
+    def lock_host(self, node: TreeNode) -> None:
+        """Protect the host copy of ``node`` and its ancestors from host eviction."""
+        self._check_live(node)
+        x = node
+        while x.parent is not None:
+            if x.host_lock_ref == 0:
+                if x.state.holds_host:
+                    n = x.num_tokens
+                    self._host_evictable -= n
+                    self._host_protected += n
+                if x.host_seq:
+                    self._host_heap.discard(x)
+            x.host_lock_ref += 1
+            x = x.parent
+
+    def unlock_host(self, node: TreeNode) -> None:
+        """Undo one :meth:`lock_host`; below zero is an :class:`IndexStateError`."""
+        x = node
+        while x.parent is not None:
+            if x.host_lock_ref <= 0:
+                raise IndexStateError(f"host unlock below zero at {x!r} (from {node!r})")
+            x = x.parent
+        x = node
+        while x.parent is not None:
+            x.host_lock_ref -= 1
+            if x.host_lock_ref == 0:
+                if x.state.holds_host:
+                    n = x.num_tokens
+                    self._host_evictable += n
+                    self._host_protected -= n
+                if x.state is not _REMOVED:
+                    self._refresh(x)
+            x = x.parent
+
+    # ----------------------------------------------------------------------- paths, hashes
+
+    def path(self, node: TreeNode) -> list[TreeNode]:
+        """The nodes from the root's child down to ``node`` (empty for a root)."""
+        out: list[TreeNode] = []
+        x = node
+        while x.parent is not None:
+            out.append(x)
+            x = x.parent
+        out.reverse()
+        return out
+
+    def namespace(self, node: TreeNode) -> str | None:
+        x = node
+        while x.parent is not None:
+            x = x.parent
+        return x.extra_key
+
+    def path_key(self, node: TreeNode) -> RadixKey:
+        """The whole prefix that ends at ``node``, as a key."""
+        return RadixKey(b"".join(n.key for n in self.path(node)), self.namespace(node))
+
+    def page_hashes(self, node: TreeNode) -> list[str]:
+        """Chained SHA-256 hex hashes of ``node``'s own pages (computed once, then cached)."""
+        if node.hashes is not None:
+            return node.hashes
+        todo: list[TreeNode] = []
+        x = node
+        while x.parent is not None and x.hashes is None:
+            todo.append(x)
+            x = x.parent
+        prev: str | None = None
+        extra: str | None = None
+        if x.parent is None:
+            extra = x.extra_key
+        else:
+            prev = x.hashes[-1] if x.hashes else None
+        for n in reversed(todo):
+            n.hashes = hash_pages(n.key, self.page_size, extra if prev is None else None, prev)
+            prev = n.hashes[-1]
+        return node.hashes or []
+
+    def path_hashes(self, node: TreeNode) -> list[str]:
+        """The hashes of every page from the root down to ``node``."""
+        self.page_hashes(node)
+        out: list[str] = []
+        for n in self.path(node):
+            out.extend(n.hashes or ())
+        return out

@@ -1,0 +1,1 @@
+"""The tier transitions: backup, load, write-back, prefetch, release, and rank consensus."""

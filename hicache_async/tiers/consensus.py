@@ -1,0 +1,90 @@
+"""Agreement between tensor-parallel ranks: a MIN all-reduce, awaited without blocking the loop.
+
+Each tensor-parallel rank runs its own cache. A prefetch or an L3 write counts only when every
+rank has it, so ranks agree on counts through a MIN all-reduce (SGLang does the same). The
+collective is issued with ``async_op=True`` and its work handle awaited by polling, so the event
+loop keeps serving while the ranks exchange.
+
+Collectives must be issued by every rank in the same order, even by a rank that has nothing to
+report (SGLang deadlocked when one rank skipped a round). :class:`RankConsensus` serialises its
+rounds in call order (one at a time) and numbers them, so two rounds can never interleave; the
+caller must still reach its rounds in the same order on every rank, e.g. from one scheduler
+step, passing zeros when idle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import anyio
+import torch
+import torch.distributed as dist
+
+from hicache_async.errors import ConfigError
+
+__all__ = ["Completion", "RankConsensus", "poll_until_done"]
+
+
+class Completion(Protocol):
+    """A ``torch.distributed`` work handle (or anything else with ``is_completed``)."""
+
+    def is_completed(self) -> bool: ...
+
+    def wait(self) -> Any: ...
+
+
+async def poll_until_done(work: Completion) -> None:
+    """Await ``work`` by polling with back-off (a fallback when no event poller is shared)."""
+    delay = 0.0
+    while not work.is_completed():
+        await anyio.sleep(delay)
+        delay = min(max(delay * 2, 5e-5), 1e-3)
+    work.wait()  # completed: returns at once, and raises if the collective failed
+
+
+class RankConsensus:
+    """MIN all-reduce rounds over a process group (gloo on CPU, NCCL on GPU).
+
+    ``waiter`` awaits a work handle; pass the cache's event poller's ``wait`` so one task polls
+    everything, or leave the default polling loop.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        waiter: Callable[[Completion], Awaitable[None]] = poll_until_done,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ConfigError(
+                "RankConsensus needs torch.distributed initialised first "
+                "(torch.distributed.init_process_group)"
+            )
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self._waiter = waiter
+        self._device = torch.device(device)
+        self._lock = anyio.Lock()  # FIFO: rounds go out in call order
+        self.rounds = 0
+
+    async def agree_min(self, values: Sequence[int]) -> list[int]:
+        """The element-wise minimum of ``values`` over all ranks (same length on every rank)."""
+        async with self._lock:
+            tensor = torch.tensor(list(values), dtype=torch.int64, device=self._device)
+            if tensor.numel() == 0:
+                tensor = torch.zeros(1, dtype=torch.int64, device=self._device)
+            work = dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
+            assert work is not None
+            # The collective reads and writes ``tensor``: a cancelled caller still waits for it,
+            # or the next round would race this one on the wire.
+            with anyio.CancelScope(shield=True):
+                await self._waiter(work)
+            self.rounds += 1
+            return tensor.tolist()[: len(values)]
+
+    async def agree(self, value: int) -> int:
+        """The minimum of one count over all ranks."""
+        return (await self.agree_min([value]))[0]

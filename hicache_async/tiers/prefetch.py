@@ -1,0 +1,257 @@
+"""Prefetch (L3 -> L2): bring the pages of a prompt that L1 and L2 miss from storage.
+
+reserve: ask L3 how many leading pages it holds (``batch_exists``; ranks agree on the MIN),
+check the in-flight capacity, reserve host pages for exactly those. move: ``batch_get_v1`` in
+batches, in prefix order, stopping at the first page that did not arrive; the caller's deadline
+or termination cancels the batch in flight (the backend waits for its threads before it
+returns, so no thread still writes a page we free). commit: insert the leading pages that
+arrived (ranks agree on the MIN) as host-only nodes, emit ``BlockStored(CPU_PINNED)``, free the
+rest. rollback (an error or the caller's cancellation): free every reserved page.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import torch
+
+from hicache_async.events import BlockStored, EventHub, StorageMedium
+from hicache_async.metrics import Counters, Transition
+from hicache_async.radix import TOKEN_BYTES, MatchResult, RadixKey, RadixTree, hash_pages
+from hicache_async.storage import HiCacheStorage
+from hicache_async.tiers._events import token_list
+from hicache_async.tiers._pending import Pending
+from hicache_async.tiers.host import HostTier
+
+__all__ = ["PrefetchControl", "PrefetchOutcome", "PrefetchResult", "Prefetcher"]
+
+
+class PrefetchOutcome(enum.Enum):
+    """How a prefetch ended."""
+
+    SKIPPED = "skipped"  # shorter than prefetch_threshold, or nothing left to fetch
+    STARTED = "started"  # best_effort: running in the background; load() takes what arrived
+    MISS = "miss"  # L3 holds none of the pages
+    REFUSED = "refused"  # in-flight prefetches hold too many host pages, or L2 is full
+    COMPLETED = "completed"  # every page L3 had arrived
+    PARTIAL = "partial"  # stopped early (a failed page, or terminated by the caller)
+    TIMED_OUT = "timed_out"  # the deadline passed; the arrived prefix was kept
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchResult:
+    """What a prefetch brought: pages inserted into the tree as host-resident."""
+
+    outcome: PrefetchOutcome
+    found_pages: int = 0  # pages L3 held (agreed by all ranks)
+    arrived_pages: int = 0  # pages inserted (agreed by all ranks)
+
+
+class PrefetchControl:
+    """Lets another task end a running prefetch early, keeping the pages that arrived
+    (``best_effort``: the request moves on and takes what is there)."""
+
+    def __init__(self) -> None:
+        self.terminated = False
+        self._scope: anyio.CancelScope | None = None
+
+    def terminate(self) -> None:
+        """Stop fetching now; the batch in flight is abandoned, earlier batches are kept."""
+        self.terminated = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+
+def _leading(flags: list[bool]) -> int:
+    count = 0
+    for flag in flags:
+        if not flag:
+            break
+        count += 1
+    return count
+
+
+class Prefetcher:
+    """Runs prefetches for sessions; ``inflight_pages`` bounds what they hold together."""
+
+    def __init__(
+        self,
+        tree: RadixTree,
+        host: HostTier,
+        storage: HiCacheStorage,
+        counters: Counters,
+        hub: EventHub,
+        *,
+        threshold_tokens: int,
+        capacity_pages: int,
+        batch_pages: int = 64,
+        agree: Callable[[int], Awaitable[int]] | None = None,
+    ) -> None:
+        self.tree, self.host, self.storage = tree, host, storage
+        self.counters, self.hub = counters, hub
+        self.threshold_tokens = threshold_tokens
+        self.capacity_pages = capacity_pages
+        self.batch_pages = batch_pages
+        self._agree = agree
+        self.inflight_pages = 0
+        self.running = Pending()  # prefetches under way (a drain waits for them)
+
+    async def _agreed(self, value: int) -> int:
+        return value if self._agree is None else await self._agree(value)
+
+    def suffix_keys(self, key: RadixKey, match: MatchResult) -> tuple[int, str | None, list[str]]:
+        """Tokens already matched, the hash of the last matched page, and the L3 keys of the
+        whole pages after them."""
+        matched = match.device_hit_length + match.host_hit_length
+        size = self.tree.page_size
+        parent_hash = None
+        if matched:
+            hashes = self.tree.page_hashes(match.last_host_node)
+            parent_hash = hashes[-1] if hashes else None
+        data = key.data[matched * TOKEN_BYTES : len(key) // size * size * TOKEN_BYTES]
+        extra = key.extra_key if matched == 0 else None
+        return matched, parent_hash, hash_pages(data, size, extra, parent_hash)
+
+    async def fetch(
+        self,
+        key: RadixKey,
+        match: MatchResult,
+        *,
+        deadline_s: float | None = None,
+        control: PrefetchControl | None = None,
+    ) -> PrefetchResult:
+        """Prefetch the pages of ``key`` after ``match`` (whose nodes the caller keeps locked).
+
+        At ``deadline_s`` or when ``control`` terminates it, the pages that fully arrived are
+        kept. Cancelling the caller instead rolls everything back.
+        """
+        matched, parent_hash, keys = self.suffix_keys(key, match)
+        if len(keys) * self.tree.page_size < max(self.threshold_tokens, 1):
+            self.counters.prefetch_skipped += 1
+            return PrefetchResult(PrefetchOutcome.SKIPPED)
+        self.counters.prefetch_issued += 1
+        # The new pages hang below the matched path: keep it in the tree until they do.
+        self.tree.lock(match.last_device_node)
+        self.tree.lock_host(match.last_host_node)
+        self.running.add()
+        try:
+            return await self._fetch(key, matched, parent_hash, keys, deadline_s, control)
+        finally:
+            self.tree.unlock_host(match.last_host_node)
+            self.tree.unlock(match.last_device_node)
+            self.running.done()
+
+    async def _fetch(
+        self,
+        key: RadixKey,
+        matched: int,
+        parent_hash: str | None,
+        keys: list[str],
+        deadline_s: float | None,
+        control: PrefetchControl | None,
+    ) -> PrefetchResult:
+        found = await self._agreed(await self.storage.batch_exists(keys))
+        if found == 0:
+            return PrefetchResult(PrefetchOutcome.MISS)
+        keys = keys[:found]
+        slots = None
+        if self.inflight_pages + found <= self.capacity_pages:
+            slots = self.host.reserve(found)
+        if slots is None:
+            self.counters.prefetch_refused += 1
+            return PrefetchResult(PrefetchOutcome.REFUSED, found)
+        self.inflight_pages += found
+        try:
+            arrived, timed_out = await self._move(keys, slots, deadline_s, control)
+            arrived = await self._agreed(arrived)
+        except BaseException:
+            self.inflight_pages -= found
+            self.host.free(slots)
+            raise
+        self.inflight_pages -= found
+        self._commit(key, matched, parent_hash, keys, slots, arrived)
+        if timed_out:
+            self.counters.prefetch_timed_out += 1
+            outcome = PrefetchOutcome.TIMED_OUT
+        elif arrived < found:
+            self.counters.prefetch_partial += 1
+            outcome = PrefetchOutcome.PARTIAL
+        else:
+            self.counters.prefetch_completed += 1
+            outcome = PrefetchOutcome.COMPLETED
+        return PrefetchResult(outcome, found, arrived)
+
+    async def _move(
+        self,
+        keys: list[str],
+        slots: torch.Tensor,
+        deadline_s: float | None,
+        control: PrefetchControl | None,
+    ) -> tuple[int, bool]:
+        """Fetch in prefix order; returns (leading pages arrived, whether the deadline hit)."""
+        size = self.tree.page_size
+        arrived = 0
+        start = time.perf_counter()
+        deadline = float("inf") if deadline_s is None else deadline_s
+        with anyio.move_on_after(deadline) as scope:
+            if control is not None:
+                control._scope = scope
+                if control.terminated:
+                    scope.cancel()
+            while arrived < len(keys):
+                batch = keys[arrived : arrived + self.batch_pages]
+                part = slots[arrived * size : (arrived + len(batch)) * size]
+                got = _leading(await self.storage.batch_get_v1(batch, part))
+                arrived += got
+                if got < len(batch):
+                    break
+        pool = self.host.pool
+        self.counters.transitions[Transition.PREFETCH].add(
+            arrived, arrived * pool.bytes_per_page, time.perf_counter() - start
+        )
+        if control is not None:
+            control._scope = None
+        terminated = control is not None and control.terminated
+        return arrived, scope.cancelled_caught and not terminated
+
+    def _commit(
+        self,
+        key: RadixKey,
+        matched: int,
+        parent_hash: str | None,
+        keys: list[str],
+        slots: torch.Tensor,
+        arrived: int,
+    ) -> None:
+        size = self.tree.page_size
+        end = matched + arrived * size
+        if arrived:
+            full = torch.cat([torch.zeros(matched, dtype=torch.int64), slots[: arrived * size]])
+            present = self.tree.insert_host(
+                RadixKey(key.data[: end * TOKEN_BYTES], key.extra_key), full
+            )
+        else:
+            present = matched
+        # Pages another request inserted meanwhile, and pages that did not arrive, go back.
+        dup = max(0, min(present, end) - matched)
+        self.host.free(torch.cat([slots[:dup], slots[arrived * size :]]))
+        new_from = dup // size
+        if arrived > new_from and self.hub.active:
+            tokens = token_list(key.data[(matched + dup) * TOKEN_BYTES : end * TOKEN_BYTES])
+            parent = keys[new_from - 1] if new_from else parent_hash
+            self.hub.emit(
+                [
+                    BlockStored(
+                        tuple(keys[new_from:arrived]),
+                        parent,
+                        tuple(tokens),
+                        size,
+                        StorageMedium.CPU_PINNED,
+                        key.extra_key,
+                    )
+                ]
+            )

@@ -1,0 +1,1 @@
+"""Request workloads the CLI and the benchmarks replay (Mooncake-format traces)."""

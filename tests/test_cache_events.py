@@ -1,0 +1,103 @@
+"""KV events: emitted after the fact, in order, with the radix hashes, per tier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hicache_async import HiCache, HiCacheConfig, HiCacheError, KVLayout
+from hicache_async.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventStream,
+    KVEvent,
+    StorageMedium,
+)
+from hicache_async.radix import page_hashes
+
+from .test_cache_e2e import serve
+
+LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32", page_size=4)
+PROMPT = torch.arange(900, 900 + 6 * 4)  # six pages
+G, C, E = StorageMedium.GPU, StorageMedium.CPU_PINNED, StorageMedium.EXTERNAL
+
+
+def config() -> HiCacheConfig:
+    return HiCacheConfig(
+        layout=LAYOUT,
+        device="cpu",
+        device_pages=8,
+        host_pages=8,
+        storage_backend="memory",
+        prefetch_threshold=4,
+    )
+
+
+def pending(stream: EventStream) -> list[KVEvent]:
+    return [event for batch in stream.drain_nowait() for event in batch.events]
+
+
+def summary(events: list[KVEvent]) -> list[tuple[str, StorageMedium | None, int]]:
+    out: list[tuple[str, StorageMedium | None, int]] = []
+    for e in events:
+        if isinstance(e, AllBlocksCleared):
+            out.append(("cleared", e.medium, 0))
+        else:
+            out.append((type(e).__name__, e.medium, len(e.block_hashes)))
+    return out
+
+
+async def test_store_evictions_per_tier_and_clear() -> None:
+    hashes = tuple(page_hashes(PROMPT.tolist(), 4))
+    async with HiCache.open(config()) as cache, cache.events() as stream:
+        await serve(cache, PROMPT)
+        await cache.drain()
+        stored = pending(stream)
+        # L1 at insert, then L2 once the copy landed, then L3 once the backend acknowledged.
+        assert summary(stored) == [
+            ("BlockStored", G, 6),
+            ("BlockStored", C, 6),
+            ("BlockStored", E, 6),
+        ]
+        for event in stored:
+            assert isinstance(event, BlockStored)
+            assert event.block_hashes == hashes
+            assert event.token_ids == tuple(PROMPT.tolist())
+            assert event.parent_block_hash is None
+            assert event.block_size == 4
+
+        other = torch.arange(50_000, 50_000 + 5 * 4)  # five pages: L1 (8) must evict three
+        await serve(cache, other)
+        await cache.drain()
+        events = pending(stream)
+        removed = [e for e in events if isinstance(e, BlockRemoved)]
+        # L1 demotes the prompt's three tail pages (leaves first) to L2; then L2, full with
+        # 6 + 5 pages of 8, evicts those same host-only pages to make room for the backup.
+        assert [e.medium for e in removed] == [G, C]
+        assert all(e.block_hashes == hashes[-3:] for e in removed)
+        kinds = [(type(e).__name__, e.medium) for e in events]
+        assert kinds.index(("BlockRemoved", G)) < kinds.index(("BlockStored", C))
+
+        await cache.clear(storage=True)
+        cleared = pending(stream)
+        assert summary(cleared) == [("cleared", G, 0), ("cleared", C, 0), ("cleared", E, 0)]
+        assert cache.match_prefix(cache.key(PROMPT)).device_hit_length == 0
+        assert cache.storage is not None
+        assert await cache.storage.batch_exists(list(hashes)) == 0
+
+
+async def test_clear_refuses_while_a_request_holds_pages() -> None:
+    async with HiCache.open(config()) as cache:
+        await serve(cache, PROMPT)
+        async with cache.session(PROMPT):
+            with pytest.raises(HiCacheError, match="let them finish first"):
+                await cache.clear()
+
+
+async def test_no_listener_no_hashing() -> None:
+    async with HiCache.open(config()) as cache:
+        await serve(cache, PROMPT)
+        await cache.drain()
+        # Hashes were needed for the L3 keys, but no event was built or published.
+        assert cache.hub.published == 0

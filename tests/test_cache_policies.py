@@ -1,0 +1,151 @@
+"""Each write policy and prefetch policy, shown by what it does differently."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+
+from hicache_async import HiCache, HiCacheConfig, KVLayout
+from hicache_async.radix import NodeState
+from hicache_async.storage import HiCacheStorageConfig, create_storage
+from hicache_async.testing.faults import SlowStorage
+from hicache_async.tiers.prefetch import PrefetchOutcome
+
+from .test_cache_e2e import assert_kv, serve
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32", page_size=4)
+PROMPT = torch.arange(40, 40 + 24 * 4)  # 24 pages
+
+
+def config(**kw: object) -> HiCacheConfig:
+    options: dict[str, object] = {
+        "layout": LAYOUT,
+        "device": "cpu",
+        "device_pages": 32,
+        "host_pages": 96,
+        "storage_backend": "none",
+        "prefetch_threshold": 4,
+    }
+    options.update(kw)
+    return HiCacheConfig(**options)
+
+
+def state_of(cache: HiCache, tokens: torch.Tensor) -> NodeState:
+    return cache.match_prefix(cache.key(tokens)).last_host_node.state
+
+
+async def push_out_of_l1(cache: HiCache) -> None:
+    for i in range(4):  # 4 x 9 pages through a 32-page L1
+        await serve(cache, torch.arange(10_000 * (i + 1), 10_000 * (i + 1) + 36))
+    await cache.drain()
+
+
+async def test_write_through_backs_up_on_insert() -> None:
+    async with HiCache.open(config(write_policy="write_through")) as cache:
+        await serve(cache, PROMPT)
+        await cache.drain()
+        assert state_of(cache, PROMPT) is NodeState.BOTH
+        await push_out_of_l1(cache)
+        assert await serve(cache, PROMPT) == PROMPT.numel()  # from L2
+
+
+async def test_write_through_selective_waits_for_the_second_hit() -> None:
+    async with HiCache.open(config(write_policy="write_through_selective")) as cache:
+        await serve(cache, PROMPT)
+        await cache.drain()
+        assert state_of(cache, PROMPT) is NodeState.DEVICE  # one use: not worth L2 yet
+        await serve(cache, PROMPT)
+        await serve(cache, PROMPT)
+        await cache.drain()
+        assert state_of(cache, PROMPT) is NodeState.BOTH  # hit twice: backed up
+
+
+async def test_write_through_selective_loses_a_cold_prefix_under_pressure() -> None:
+    async with HiCache.open(config(write_policy="write_through_selective")) as cache:
+        await serve(cache, PROMPT)
+        await push_out_of_l1(cache)
+        assert await serve(cache, PROMPT) == 0
+
+
+async def test_write_back_copies_only_when_l1_evicts() -> None:
+    async with HiCache.open(config(write_policy="write_back")) as cache:
+        await serve(cache, PROMPT)
+        await cache.drain()
+        assert state_of(cache, PROMPT) is NodeState.DEVICE  # nothing copied on insert
+        assert cache.stats().transitions["backup"].pages == 0
+        await push_out_of_l1(cache)
+        assert state_of(cache, PROMPT) is NodeState.HOST  # copied on its way out of L1
+        assert await serve(cache, PROMPT) == PROMPT.numel()
+
+
+@pytest.fixture
+def l3_dir(tmp_path: Path) -> Path:
+    async def write() -> None:
+        cfg = config(
+            storage_backend="file", storage_backend_extra_config=f'{{"path": "{tmp_path}"}}'
+        )
+        async with HiCache.open(cfg) as cache:
+            await serve(cache, PROMPT)
+
+    anyio.run(write)
+    return tmp_path
+
+
+async def open_slow(l3_dir: Path, **kw: object) -> tuple[HiCacheConfig, SlowStorage]:
+    inner = create_storage("file", HiCacheStorageConfig(), path=str(l3_dir))
+    return config(storage_backend="file", **kw), SlowStorage(inner, delay=0.0, per_page=0.01)
+
+
+async def request_with_prefetch(cache: HiCache) -> tuple[PrefetchOutcome, int]:
+    assert cache.prefetcher is not None
+    cache.prefetcher.batch_pages = 4
+    async with cache.session(PROMPT) as s:
+        result = await s.prefetch()
+        hit = await s.load()
+        assert_kv(cache, PROMPT[: hit.length], hit.device_indices)
+        return result.outcome, hit.length
+
+
+async def test_wait_complete_gets_every_page(l3_dir: Path) -> None:
+    cfg, slow = await open_slow(l3_dir, prefetch_policy="wait_complete")
+    async with HiCache.open(cfg, storage=slow) as cache:
+        outcome, hit = await request_with_prefetch(cache)
+    assert (outcome, hit) == (PrefetchOutcome.COMPLETED, PROMPT.numel())
+
+
+async def test_timeout_stops_at_the_linear_deadline_and_keeps_the_prefix(l3_dir: Path) -> None:
+    cfg, slow = await open_slow(
+        l3_dir,
+        prefetch_policy="timeout",
+        prefetch_timeout_base=0.06,
+        prefetch_timeout_per_ki_token=0.0,
+    )
+    async with HiCache.open(cfg, storage=slow) as cache:
+        start = anyio.current_time()
+        outcome, hit = await request_with_prefetch(cache)
+        elapsed = anyio.current_time() - start
+    assert outcome is PrefetchOutcome.TIMED_OUT
+    assert 0 < hit < PROMPT.numel()
+    assert hit % 16 == 0  # whole batches of 4 pages arrived; the cut one was dropped
+    assert elapsed < 0.24  # far less than the 0.24 s the whole prefix would take
+
+
+async def test_best_effort_returns_at_once_and_load_takes_what_arrived(l3_dir: Path) -> None:
+    cfg, slow = await open_slow(l3_dir, prefetch_policy="best_effort")
+    async with HiCache.open(cfg, storage=slow) as cache:
+        assert cache.prefetcher is not None
+        cache.prefetcher.batch_pages = 4
+        async with cache.session(PROMPT) as s:
+            start = anyio.current_time()
+            result = await s.prefetch()
+            assert result.outcome is PrefetchOutcome.STARTED
+            assert anyio.current_time() - start < 0.02
+            await anyio.sleep(0.09)  # the request does other work meanwhile
+            hit = await s.load()
+            assert_kv(cache, PROMPT[: hit.length], hit.device_indices)
+        assert 0 < hit.length < PROMPT.numel()
+        await cache.drain()
+        assert cache.stats().prefetch.partial == 1

@@ -1,0 +1,85 @@
+"""Rank consensus over real torch.distributed (gloo) processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch.distributed as dist
+
+from hicache_async.errors import ConfigError
+from hicache_async.tiers.consensus import RankConsensus
+
+WORLD = 2
+
+
+async def _rank_main(rank: int) -> dict[str, Any]:
+    consensus = RankConsensus()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.01)
+            ticks += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        if rank == 1:
+            await anyio.sleep(0.5)  # rank 0 waits in the collective meanwhile
+        start_ticks = ticks
+        first = await consensus.agree_min([10 + rank, 5 - rank, 7])
+        waited_ticks = ticks - start_ticks
+        idle = await consensus.agree(0 if rank == 0 else 3)  # a rank with nothing still joins
+        many = [await consensus.agree(rank * 100 + i) for i in range(20)]
+        tg.cancel_scope.cancel()
+    return {
+        "first": first,
+        "idle": idle,
+        "many": many,
+        "waited_ticks": waited_ticks,
+        "rounds": consensus.rounds,
+    }
+
+
+def _worker(rank: int, store: str, out: Any) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        out.put((rank, anyio.run(_rank_main, rank)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_two_gloo_ranks_agree_on_the_minimum_without_blocking_the_loop(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(r, str(tmp_path / "store"), out)) for r in range(WORLD)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + 90
+    results = dict(out.get(timeout=max(1.0, deadline - time.monotonic())) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    out.close()
+    out.join_thread()
+    for rank in range(WORLD):
+        got = results[rank]
+        assert got["first"] == [10, 4, 7]
+        assert got["idle"] == 0
+        assert got["many"] == list(range(20))
+        assert got["rounds"] == 22
+    # Rank 0 waited ~0.5 s for rank 1 inside the collective; its loop kept ticking meanwhile.
+    assert results[0]["waited_ticks"] >= 10
+
+
+def test_needs_an_initialised_group() -> None:
+    with pytest.raises(ConfigError, match=r"needs torch\.distributed initialised first"):
+        RankConsensus()

@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import anyio
+import pytest
+import torch
+
+from hicache_async.events import BlockStored, StorageMedium
+from hicache_async.radix import NodeState, RadixKey
+from hicache_async.storage import HiCacheStorage
+from hicache_async.testing.faults import CorruptingStorage, SlowStorage
+from hicache_async.tiers.prefetch import PrefetchControl, Prefetcher, PrefetchOutcome
+
+from .conftest import LAYOUT, Rig
+
+PS = LAYOUT.page_size
+TOKENS = list(range(100, 100 + 10 * PS))  # ten pages
+
+
+async def store_pages(rig: Rig, tokens: list[int], pages: int) -> list[str]:
+    """Put the first ``pages`` pages of ``tokens`` in L3 (as a previous server would have)."""
+    prefetcher = make(rig)
+    _, _, keys = prefetcher.suffix_keys(RadixKey(tokens), rig.tree.match_prefix(RadixKey(tokens)))
+    slots = rig.host.reserve(pages)
+    assert slots is not None
+    rig.fill(slots, value=40)
+    assert all(await rig.storage.batch_set_v1(keys[:pages], slots))
+    rig.host.free(slots)
+    return keys
+
+
+def make(rig: Rig, storage: HiCacheStorage | None = None, **kw: object) -> Prefetcher:
+    options: dict[str, object] = {"threshold_tokens": 2 * PS, "capacity_pages": 16}
+    options.update(kw)
+    return Prefetcher(rig.tree, rig.host, storage or rig.storage, rig.counters, rig.hub, **options)  # type: ignore[arg-type]
+
+
+async def test_arrived_pages_become_host_nodes_with_the_stored_bytes(rig: Rig) -> None:
+    keys = await store_pages(rig, TOKENS, 10)
+    key = RadixKey(TOKENS)
+    result = await make(rig).fetch(key, rig.tree.match_prefix(key))
+    assert (result.outcome, result.found_pages, result.arrived_pages) == (
+        PrefetchOutcome.COMPLETED,
+        10,
+        10,
+    )
+    match = rig.tree.match_prefix(key)
+    assert match.host_hit_length == len(TOKENS)
+    node = match.last_host_node
+    assert node.state is NodeState.HOST
+    assert rig.tree.path_hashes(node) == keys  # same chained hashes as the L3 keys
+    assert node.host_indices is not None
+    assert rig.page_bytes(node.host_indices) == [(40 + i) % 251 for i in range(10)]
+    (event,) = (await rig.events.receive()).events
+    assert isinstance(event, BlockStored)
+    assert event.medium is StorageMedium.CPU_PINNED
+    assert event.block_hashes == tuple(keys)
+    assert rig.counters.prefetch_completed == 1
+
+
+async def test_short_suffix_is_skipped(rig: Rig) -> None:
+    key = RadixKey(TOKENS[:PS])  # one page < threshold of two
+    result = await make(rig).fetch(key, rig.tree.match_prefix(key))
+    assert result.outcome is PrefetchOutcome.SKIPPED
+    assert rig.counters.prefetch_skipped == 1
+
+
+async def test_only_the_stored_prefix_is_reserved_and_fetched(rig: Rig) -> None:
+    await store_pages(rig, TOKENS, 6)
+    free = rig.pool.allocator.available
+    key = RadixKey(TOKENS)
+    result = await make(rig).fetch(key, rig.tree.match_prefix(key))
+    assert (result.found_pages, result.arrived_pages) == (6, 6)
+    assert rig.pool.allocator.available == free - 6
+    assert rig.tree.match_prefix(key).host_hit_length == 6 * PS
+
+
+async def test_prefetch_continues_after_a_cached_prefix(rig: Rig) -> None:
+    await store_pages(rig, TOKENS, 10)
+    key = RadixKey(TOKENS)
+    head = RadixKey(TOKENS[: 3 * PS])
+    slots = rig.host.reserve(3)
+    assert slots is not None
+    rig.tree.insert_host(head, slots)
+    result = await make(rig).fetch(key, rig.tree.match_prefix(key))
+    assert (result.found_pages, result.arrived_pages) == (7, 7)
+    assert rig.tree.match_prefix(key).host_hit_length == len(TOKENS)
+
+
+async def test_refused_beyond_capacity(rig: Rig) -> None:
+    await store_pages(rig, TOKENS, 10)
+    key = RadixKey(TOKENS)
+    result = await make(rig, capacity_pages=5).fetch(key, rig.tree.match_prefix(key))
+    assert result.outcome is PrefetchOutcome.REFUSED
+    assert rig.counters.prefetch_refused == 1
+    assert rig.pool.allocator.available == 32
+
+
+async def test_deadline_keeps_the_arrived_prefix(rig: Rig) -> None:
+    await store_pages(rig, TOKENS, 10)
+    slow = SlowStorage(rig.storage, delay=0.0, per_page=0.05)
+    slow.register_mem_pool_host(rig.pool)
+    key = RadixKey(TOKENS)
+    prefetcher = make(rig, storage=slow, batch_pages=1)
+    result = await prefetcher.fetch(key, rig.tree.match_prefix(key), deadline_s=0.18)
+    assert result.outcome is PrefetchOutcome.TIMED_OUT
+    assert 1 <= result.arrived_pages < 10
+    assert rig.tree.match_prefix(key).host_hit_length == result.arrived_pages * PS
+    assert rig.pool.allocator.available == 32 - result.arrived_pages  # the rest were freed
+    assert prefetcher.inflight_pages == 0
+
+
+async def test_terminate_keeps_what_arrived(rig: Rig) -> None:
+    await store_pages(rig, TOKENS, 10)
+    slow = SlowStorage(rig.storage, delay=0.0, per_page=0.03)
+    slow.register_mem_pool_host(rig.pool)
+    key = RadixKey(TOKENS)
+    control = PrefetchControl()
+    prefetcher = make(rig, storage=slow, batch_pages=2)
+    results = []
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            results.append(await prefetcher.fetch(key, rig.tree.match_prefix(key), control=control))
+
+        tg.start_soon(run)
+        await anyio.sleep(0.15)
+        control.terminate()
+    (result,) = results
+    assert result.outcome is PrefetchOutcome.PARTIAL
+    assert 1 <= result.arrived_pages < 10
+    assert rig.pool.allocator.available == 32 - result.arrived_pages
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05])
+async def test_cancelling_the_caller_rolls_everything_back(rig: Rig, delay: float) -> None:
+    await store_pages(rig, TOKENS, 10)
+    slow = SlowStorage(rig.storage, delay=0.01, per_page=0.01)
+    slow.register_mem_pool_host(rig.pool)
+    key = RadixKey(TOKENS)
+    prefetcher = make(rig, storage=slow, batch_pages=3)
+    with anyio.move_on_after(delay):
+        await prefetcher.fetch(key, rig.tree.match_prefix(key))
+    assert rig.pool.allocator.available == 32
+    assert prefetcher.inflight_pages == 0
+    assert rig.tree.match_prefix(key).host_hit_length == 0
+
+
+async def test_corrupt_pages_are_misses_never_data(rig: Rig) -> None:
+    await store_pages(rig, TOKENS, 10)
+    bad = CorruptingStorage(rig.storage, rate=1.0)
+    bad.register_mem_pool_host(rig.pool)
+    key = RadixKey(TOKENS)
+    result = await make(rig, storage=bad).fetch(key, rig.tree.match_prefix(key))
+    assert (result.found_pages, result.arrived_pages) == (10, 0)
+    assert rig.tree.match_prefix(key).host_hit_length == 0
+    assert rig.pool.allocator.available == 32
+    assert rig.storage.stats.errors["corrupt"] >= 1
+
+
+async def test_ranks_use_only_what_every_rank_has(rig: Rig) -> None:
+    await store_pages(rig, TOKENS, 10)
+
+    async def other_rank_found_four(value: int) -> int:
+        return min(value, 4)
+
+    key = RadixKey(TOKENS)
+    result = await make(rig, agree=other_rank_found_four).fetch(key, rig.tree.match_prefix(key))
+    assert (result.found_pages, result.arrived_pages) == (4, 4)
+    assert rig.tree.match_prefix(key).host_hit_length == 4 * PS
+    assert torch.equal(torch.tensor(rig.pool.allocator.available), torch.tensor(28))
