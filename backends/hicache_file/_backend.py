@@ -7,24 +7,24 @@ namespaced key: no caller key can escape ``path``, and no directory holds more t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import anyio
 
-from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, PageBuffer
-from hicache_async.storage._base import error_kind
+from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, PageBuffer, error_kind
 from hicache_async.storage.codec import TRAILER_SIZE, key_digest
-from hicache_async.storage.threads import run_chunked
+from hicache_async.storage.threads import run_in_threads
 from hicache_file._lru import LruIndex, scan_store
 from hicache_file._options import FileOptions
 from hicache_file._pageio import read_page, remove_quietly, write_page
 
 __all__ = ["FileStorage"]
 
-# A thread job per chunk of at least this many bytes: smaller chunks cost more in dispatch
-# than they gain in parallel copies.
-_CHUNK_BYTES = 4 << 20
+# One worker thread per this many bytes of a batch (up to io_threads): a smaller share costs
+# more in dispatch than it gains in parallel copies.
+_WORKER_BYTES = 4 << 20
 
 
 class FileStorage(HiCacheStorage):
@@ -50,7 +50,7 @@ class FileStorage(HiCacheStorage):
         return self._path(key_digest(key).hex())
 
     def _path(self, hexdigest: str) -> str:
-        return os.path.join(self.root, hexdigest[:2], hexdigest[2:4], hexdigest + ".kv")
+        return f"{self.root}/{hexdigest[:2]}/{hexdigest[2:4]}/{hexdigest}.kv"
 
     def _threads(self) -> anyio.CapacityLimiter:
         # Created on first use: a limiter belongs to the running event loop.
@@ -58,9 +58,9 @@ class FileStorage(HiCacheStorage):
             self._limiter = anyio.CapacityLimiter(self.file_options.io_threads)
         return self._limiter
 
-    def _chunks(self, buffers: list[PageBuffer]) -> int:
-        total = sum(sum(len(s) for s in b) for b in buffers)
-        return max(1, min(self.file_options.io_threads, total // _CHUNK_BYTES))
+    def _workers(self, buffers: list[PageBuffer]) -> int:
+        total = sum(sum(map(len, b)) for b in buffers)
+        return max(1, min(self.file_options.io_threads, total // _WORKER_BYTES))
 
     async def _read_pages(self, keys: list[str], buffers: list[PageBuffer]) -> list[bool]:
         await self._build_index()
@@ -71,20 +71,19 @@ class FileStorage(HiCacheStorage):
         errors: list[BaseException | None] = [None] * len(keys)
         codec = self.codec
 
-        def work(lo: int, hi: int, stop: Any) -> None:
-            for i in range(lo, hi):
-                if stop.is_set():
-                    return
-                digest = key_digest(keys[i])
-                paths[i] = self._path(digest.hex())
-                try:
-                    found[i] = read_page(paths[i], digest, buffers[i], codec)
-                except Exception as exc:
-                    errors[i] = exc
-                    # A page that fails its check is removed, so the key can be written again.
-                    remove_quietly(paths[i])
+        def work(i: int) -> None:
+            digest = key_digest(keys[i])
+            paths[i] = self._path(digest.hex())
+            try:
+                found[i] = read_page(paths[i], digest, buffers[i], codec)
+            except Exception as exc:
+                errors[i] = exc
+                # A page that fails its check is removed, so the key can be written again.
+                remove_quietly(paths[i])
 
-        await run_chunked(work, len(keys), limiter=self._threads(), chunks=self._chunks(buffers))
+        await run_in_threads(
+            work, len(keys), limiter=self._threads(), workers=self._workers(buffers)
+        )
         for i, exc in enumerate(errors):
             if exc is not None:
                 self.stats.record_error(error_kind(exc), exc)
@@ -101,18 +100,17 @@ class FileStorage(HiCacheStorage):
         errors: list[BaseException | None] = [None] * len(keys)
         codec, fsync = self.codec, self.file_options.fsync
 
-        def work(lo: int, hi: int, stop: Any) -> None:
-            for i in range(lo, hi):
-                if stop.is_set():
-                    return
-                digest = key_digest(keys[i])
-                paths[i] = self._path(digest.hex())
-                try:
-                    written[i] = write_page(paths[i], digest, buffers[i], codec, fsync)
-                except Exception as exc:
-                    errors[i] = exc
+        def work(i: int) -> None:
+            digest = key_digest(keys[i])
+            paths[i] = self._path(digest.hex())
+            try:
+                written[i] = write_page(paths[i], digest, buffers[i], codec, fsync)
+            except Exception as exc:
+                errors[i] = exc
 
-        await run_chunked(work, len(keys), limiter=self._threads(), chunks=self._chunks(buffers))
+        await run_in_threads(
+            work, len(keys), limiter=self._threads(), workers=self._workers(buffers)
+        )
         stored = []
         for i, outcome in enumerate(written):
             if errors[i] is not None:
@@ -143,13 +141,10 @@ class FileStorage(HiCacheStorage):
             for top, dirs, files in os.walk(root, topdown=False):
                 for name in files:
                     remove_quietly(os.path.join(top, name))
-                if top != root:
-                    for name in dirs:
+                for name in dirs:
+                    # A concurrent writer may have filled it again: keep it then.
+                    with contextlib.suppress(OSError):
                         os.rmdir(os.path.join(top, name))
-            for name in os.listdir(root):
-                full = os.path.join(root, name)
-                if os.path.isdir(full):
-                    os.rmdir(full)
 
         await anyio.to_thread.run_sync(remove_all, limiter=self._threads())
         if self._index is not None:

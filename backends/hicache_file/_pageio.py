@@ -77,8 +77,14 @@ def read_page(path: str, digest: bytes, buffer: PageBuffer, codec: PageCodec) ->
     # One byte more than a page file holds: a longer file (another layout) is caught too.
     tail = bytearray(TRAILER_SIZE + 1)
     size = sum(map(len, buffer))
+    want = size + TRAILER_SIZE + 1
+    buffers = [*buffer, memoryview(tail)]
     try:
-        got = _readv_full(fd, [*buffer, memoryview(tail)], size + TRAILER_SIZE + 1)
+        # One call reads a whole page file (it stops one byte short of ``want``, at the end of
+        # the file); the loop is for the rare short read, and for > IOV_MAX segments.
+        got = _preadv(fd, buffers, 0) if len(buffers) <= _IOV_MAX else 0
+        if got not in (want - 1, want):
+            got = _readv_full(fd, buffers, want)
     finally:
         os.close(fd)
     if got != size + TRAILER_SIZE:

@@ -18,11 +18,11 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from hicache_async.errors import ConfigError
 from hicache_async.storage import BlobStorage, HiCacheStorageConfig

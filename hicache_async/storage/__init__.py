@@ -4,7 +4,13 @@ Backends (``file``, ``memory``, ``redis``, third-party ones) are found by name t
 entry-point group ``hicache_async.storage_backends``; see :func:`create_storage`.
 """
 
-from hicache_async.storage._base import HiCacheStorage, NoOptions, PageBuffer, StorageState
+from hicache_async.storage._base import (
+    HiCacheStorage,
+    NoOptions,
+    PageBuffer,
+    StorageState,
+    error_kind,
+)
 from hicache_async.storage._config import (
     HiCacheStorageConfig,
     HiCacheStorageExtraInfo,
@@ -28,5 +34,6 @@ __all__ = [
     "StorageStats",
     "available_backends",
     "create_storage",
+    "error_kind",
     "namespace_suffix",
 ]

@@ -97,3 +97,18 @@ async def test_ttl_sets_an_expiry(redis_node: RedisProcess) -> None:
         key = storage.redis_options.prefix + "a" + storage.suffix
         ttl = int(_command(redis_node.port, "TTL", key)[1:].strip())
         assert 0 < ttl <= 100
+
+
+async def test_unresponsive_server_times_out_as_misses(redis_own_node: RedisProcess) -> None:
+    async with _open(redis_own_node.port, socket_timeout=0.3, op_timeout=2.0) as storage:
+        pool = filled_pool(MHA)
+        storage.register_mem_pool_host(pool)
+        assert await storage.batch_set_v1(["a"], slots(pool, [0])) == [True]
+        # The server stops answering every client for 1.5 s (it stays connected).
+        assert _command(redis_own_node.port, "CLIENT", "PAUSE", "1500", "ALL").startswith(b"+OK")
+        start = asyncio.get_running_loop().time()
+        assert await storage.batch_get_v1(["a"], slots(pool, [1])) == [False]
+        assert asyncio.get_running_loop().time() - start < 1.4
+        assert storage.get_stats()["errors"].get("timeout", 0) >= 1
+        await asyncio.sleep(1.5)
+        assert await storage.batch_get_v1(["a"], slots(pool, [1])) == [True]

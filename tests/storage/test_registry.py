@@ -68,3 +68,35 @@ def test_namespace_suffix_follows_sglang() -> None:
 def test_backends_are_storage_classes() -> None:
     assert issubclass(FileStorage, HiCacheStorage)
     assert issubclass(MemoryStorage, HiCacheStorage)
+
+
+def test_storage_exports_are_stable() -> None:
+    import hicache_async.storage as storage
+
+    assert set(storage.__all__) >= {
+        "HiCacheStorage",
+        "HiCacheStorageConfig",
+        "HiCacheStorageExtraInfo",
+        "available_backends",
+        "create_storage",
+    }
+    for name in storage.__all__:
+        assert hasattr(storage, name), name
+
+
+def test_backend_options_flow_from_the_cache_config(tmp_path: Path) -> None:
+    from hicache_async.config import HiCacheConfig
+    from hicache_async.layout import KVLayout
+
+    extra = f'{{"path": "{tmp_path}", "fsync": "file", "prefetch_threshold": 32}}'
+    config = HiCacheConfig(
+        layout=KVLayout(num_layers=2, num_kv_heads=2, head_dim=8),
+        storage_backend_extra_config=extra,
+    )
+    storage = create_storage(
+        config.storage_backend,
+        HiCacheStorageConfig(model_name="m", extra_config=config.storage_options),
+    )
+    assert isinstance(storage, FileStorage)
+    assert storage.file_options.fsync == "file"
+    assert config.prefetch_threshold == 32  # a runtime key, not a backend option
