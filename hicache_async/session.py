@@ -179,7 +179,8 @@ class Session:
         return self._hit
 
     def allocate(self, n_tokens: int) -> torch.Tensor:
-        """Device token slots for ``n_tokens`` new tokens (whole pages are reserved)."""
+        """Device token slots for ``n_tokens`` new tokens (whole pages are reserved), on the
+        L1 pool's device."""
         self._expect(SessionState.MATCHED)
         if n_tokens < 0:
             raise LayoutError(f"cannot allocate {n_tokens} tokens")
@@ -192,7 +193,7 @@ class Session:
                 f"requests or more device_pages"
             )
         self._allocated = slots if self._allocated is None else torch.cat([self._allocated, slots])
-        return slots[:n_tokens]
+        return slots[:n_tokens].to(self._cache.device_pool.device)  # where the model indexes
 
     async def commit(self, new_slots: torch.Tensor) -> int:
         """Insert the prompt's KV (the hit, then ``new_slots``) into the tree; returns how many

@@ -26,7 +26,7 @@ def kv_for(cache: HiCache, tokens: torch.Tensor, layer: int, plane: int) -> torc
         )
         * 1e-4
     )
-    return (base + ramp).expand(shape).to(layout.dtype).contiguous()
+    return (base + ramp).expand(shape).to(layout.dtype).contiguous().to(cache.device_pool.device)
 
 
 def write_kv(cache: HiCache, tokens: torch.Tensor, slots: torch.Tensor) -> None:
