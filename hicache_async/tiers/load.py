@@ -66,10 +66,11 @@ class Load:
                 self.skipped += 1
             return LoadResult(match.device_indices, 0, match.last_device_node)
         pages = tokens // self.tree.page_size
-        slots = self.device.reserve(pages)
-        if slots is None:
+        reserved = self.device.reserve(pages)
+        if reserved is None:
             self.skipped += 1
             return LoadResult(match.device_indices, 0, match.last_device_node)
+        slots = reserved.to(match.device_indices.device)  # the tree keeps L1's device slots
         host_slots = torch.cat([n.host_indices for n in nodes if n.host_indices is not None])
         offset = 0
         for node in nodes:  # top-down: a parent holds device slots before its child
@@ -79,7 +80,7 @@ class Load:
         self.tree.lock_host(last)
         start = time.perf_counter()
         try:
-            await self.engine.load(host_slots, slots.to(match.device_indices.device))
+            await self.engine.load(host_slots, slots)
         except BaseException:
             for node in reversed(span_chain(last, tokens)):
                 self.device.free(self.tree.cancel_load(node))
@@ -95,7 +96,7 @@ class Load:
         )
         if self.hub.active:
             self.hub.emit([stored_event(self.tree, n, StorageMedium.GPU) for n in span])
-        device = torch.cat([match.device_indices, slots.to(match.device_indices.device)])
+        device = torch.cat([match.device_indices, slots])
         return LoadResult(device, tokens, last)
 
 
