@@ -80,8 +80,9 @@ async def test_backup_sees_what_the_model_just_wrote() -> None:
         slots = alloc_slots(device.allocator, 4, 2, shuffle=False)
         dst = alloc_slots(host.allocator, 4, 2, shuffle=False)
         k = torch.randn(8, 2, 4, device="cuda").to(torch.bfloat16)
+        on_gpu = slots.cuda()  # before the sleep: a pageable upload would wait for it
         gpu_sleep(20)  # the write below lands late on the compute stream
-        device.set_kv_buffer(0, slots.cuda(), k, k)
+        device.set_kv_buffer(0, on_gpu, k, k)
         began = time.perf_counter()
         await engine.backup(slots, dst)  # the backup stream waits for the compute stream
         assert time.perf_counter() - began > 0.005  # it waited for the write, on the GPU
