@@ -29,7 +29,14 @@ from anyio.abc import TaskGroup
 
 from hicache_async.config import HiCacheConfig, WritePolicy
 from hicache_async.errors import ClosedError, HiCacheError
-from hicache_async.events import AllBlocksCleared, EventHub, EventStream, KVEvent, StorageMedium
+from hicache_async.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    EventHub,
+    EventStream,
+    KVEvent,
+    StorageMedium,
+)
 from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.metrics import (
     CacheStats,
@@ -135,6 +142,7 @@ class HiCache:
             self.write_back = WriteBack(
                 self.tree, self.storage, self.counters, self.hub, medium=medium, agree=agree
             )
+            self.storage.removal_listener = self._l3_removed
             self.prefetcher = Prefetcher(
                 self.tree,
                 self.host_tier,
@@ -244,6 +252,11 @@ class HiCache:
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "state", None) is CacheState.OPEN:
             _warn(f"{self!r} was never closed", ResourceWarning, stacklevel=1, source=self)
+
+    def _l3_removed(self, keys: list[str]) -> None:
+        """The backend dropped pages by itself (its capacity): tell the routers."""
+        if self.hub.active and self.write_back is not None:
+            self.hub.emit([BlockRemoved(tuple(keys), self.write_back.medium)])
 
     def _check_open(self) -> None:
         if self.state is not CacheState.OPEN:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -101,3 +103,29 @@ async def test_no_listener_no_hashing() -> None:
         await cache.drain()
         # Hashes were needed for the L3 keys, but no event was built or published.
         assert cache.hub.published == 0
+
+
+@pytest.mark.parametrize("backend", ["memory", "file"])
+async def test_l3_capacity_removals_are_events(backend: str, tmp_path: object) -> None:
+    page_bytes = LAYOUT.bytes_per_page + 64  # payload and the codec's trailer
+    options = {"capacity_bytes": 4 * page_bytes}
+    if backend == "file":
+        options["path"] = str(tmp_path)
+    config = HiCacheConfig(
+        layout=LAYOUT,
+        device="cpu",
+        device_pages=8,
+        host_pages=8,
+        storage_backend=backend,
+        storage_backend_extra_config=json.dumps(options),
+        prefetch_threshold=4,
+    )
+    medium = StorageMedium.DISK if backend == "file" else E
+    async with HiCache.open(config) as cache, cache.events() as stream:
+        await serve(cache, PROMPT)  # six pages into an L3 that holds four
+        await cache.drain()
+        events = pending(stream)
+    removed = [e for e in events if isinstance(e, BlockRemoved) and e.medium is medium]
+    assert sum(len(e.block_hashes) for e in removed) == 2
+    hashes = page_hashes(PROMPT.tolist(), 4)
+    assert set(removed[0].block_hashes) <= set(hashes)  # the pages' own hashes, no suffix

@@ -91,6 +91,7 @@ class FileStorage(HiCacheStorage):
                     self._index.discard(paths[i])
             elif found[i] and self._index is not None and paths[i]:
                 self._index.touch(paths[i], sum(len(s) for s in buffers[i]) + TRAILER_SIZE)
+                self._index.keys[paths[i]] = keys[i]
         return found
 
     async def _write_pages(self, keys: list[str], buffers: list[PageBuffer]) -> list[bool]:
@@ -119,6 +120,7 @@ class FileStorage(HiCacheStorage):
                 self.stats.set_skipped += 1
             if outcome is not None and self._index is not None:
                 self._index.touch(paths[i], sum(len(s) for s in buffers[i]) + TRAILER_SIZE)
+                self._index.keys[paths[i]] = keys[i]
             stored.append(outcome is not None)
         await self._evict()
         return stored
@@ -177,6 +179,9 @@ class FileStorage(HiCacheStorage):
 
         await anyio.to_thread.run_sync(remove, victims, limiter=self._threads())
         self.stats.evicted_pages += len(victims)
+        # Keys are known for pages this process wrote (a file holds only its key's digest).
+        gone = [self._index.keys.pop(path, None) for path in victims]
+        self._removed([key for key in gone if key is not None])
 
     def _extra_stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"path": self.root, "fsync": self.file_options.fsync}

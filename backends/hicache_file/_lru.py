@@ -20,6 +20,7 @@ class LruIndex:
         self.capacity_bytes = capacity_bytes
         self.used_bytes = 0
         self._sizes: OrderedDict[str, int] = OrderedDict()
+        self.keys: dict[str, str] = {}  # path -> key, for pages this process wrote
 
     def __len__(self) -> int:
         return len(self._sizes)
@@ -35,6 +36,7 @@ class LruIndex:
     def discard(self, path: str) -> None:
         """Forget ``path``."""
         size = self._sizes.pop(path, None)
+        self.keys.pop(path, None)
         if size is not None:
             self.used_bytes -= size
 
@@ -50,6 +52,7 @@ class LruIndex:
     def clear(self) -> None:
         """Forget everything."""
         self._sizes.clear()
+        self.keys.clear()
         self.used_bytes = 0
 
 

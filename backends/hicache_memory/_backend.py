@@ -48,7 +48,9 @@ class MemoryStorage(BlobStorage):
         return [self.store.get(k) for k in keys]
 
     async def _put_values(self, keys: list[str], values: list[bytes]) -> list[bool | None]:
-        return [self.store.put(k, v) for k, v in zip(keys, values, strict=True)]
+        stored = [self.store.put(k, v) for k, v in zip(keys, values, strict=True)]
+        self._removed(self.store.take_evicted())
+        return stored
 
     async def _delete_values(self, keys: list[str]) -> None:
         for key in keys:

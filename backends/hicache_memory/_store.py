@@ -20,6 +20,7 @@ class MemoryStore:
         self.capacity_bytes = capacity_bytes
         self.used_bytes = 0
         self.evicted = 0
+        self.evicted_keys: list[str] = []  # since the last take_evicted()
         self._values: OrderedDict[str, bytes] = OrderedDict()
 
     def __len__(self) -> int:
@@ -46,10 +47,16 @@ class MemoryStore:
         self._values[key] = value
         self.used_bytes += len(value)
         while self.capacity_bytes is not None and self.used_bytes > self.capacity_bytes:
-            _, old = self._values.popitem(last=False)
+            gone, old = self._values.popitem(last=False)
             self.used_bytes -= len(old)
             self.evicted += 1
+            self.evicted_keys.append(gone)
         return True
+
+    def take_evicted(self) -> list[str]:
+        """The keys the capacity dropped since the last call."""
+        keys, self.evicted_keys = self.evicted_keys, []
+        return keys
 
     def delete(self, key: str) -> None:
         """Forget ``key``."""

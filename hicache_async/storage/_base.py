@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import enum
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
@@ -102,6 +102,9 @@ class HiCacheStorage(abc.ABC):
         self.codec = PageCodec("")
         self.stats = StorageStats(backend=self.name)
         self._state = StorageState.OPEN
+        # Told the (caller's) keys of pages the backend dropped on its own, e.g. by its
+        # capacity LRU: the cache turns them into BlockRemoved events for routers.
+        self.removal_listener: Callable[[list[str]], None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -305,6 +308,12 @@ class HiCacheStorage(abc.ABC):
             if good
         )
         return stored
+
+    def _removed(self, names: list[str]) -> None:
+        """Report namespaced keys the backend dropped by itself (call on the loop)."""
+        if names and self.removal_listener is not None:
+            cut = len(self.suffix)
+            self.removal_listener([name[:-cut] if cut else name for name in names])
 
     def _check_open(self) -> None:
         if self._state is StorageState.CLOSED:
