@@ -11,7 +11,7 @@ import torch
 from hicache_async import HiCache, HiCacheConfig, KVLayout
 from hicache_async.radix import Tier as RadixTier
 from hicache_async.storage import HiCacheStorageConfig, create_storage
-from hicache_async.testing.faults import FlakyStorage, SlowStorage
+from hicache_async.testing.faults import CorruptingStorage, FlakyStorage, SlowStorage
 
 from .test_cache_e2e import assert_kv, serve
 
@@ -107,3 +107,19 @@ async def test_flaky_storage_gives_misses_never_wrong_bytes(stored: Path) -> Non
         assert flaky.injected > 0
         assert any(h < PROMPT.numel() for h in hits)  # some requests missed...
         assert cache.stats().storage.errors > 0  # ...and the errors were counted
+
+
+async def test_corrupting_storage_gives_misses_never_wrong_bytes(stored: Path) -> None:
+    inner = create_storage("file", HiCacheStorageConfig(), path=str(stored))
+    bad = CorruptingStorage(inner, rate=0.3, seed=5)
+    async with HiCache.open(config(stored), storage=bad) as cache:
+        for _ in range(4):
+            async with cache.session(PROMPT) as s:
+                await s.prefetch()
+                hit = await s.load()
+                assert_kv(cache, PROMPT[: hit.length], hit.device_indices)  # never wrong data
+            cache.device_tier.evict(cache.l1.allocator.usable)
+            cache.host_tier.evict(cache.host_pool.allocator.usable)  # type: ignore[union-attr]
+            assert_nothing_leaked(cache)
+        assert bad.corrupted > 0
+        assert cache.stats().storage.corrupt_pages > 0
