@@ -28,6 +28,7 @@ lint: $(STAMP)         ## ruff and mypy --strict
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict hicache_async backends/hicache_file backends/hicache_memory backends/hicache_redis
+	$(BIN)/mypy --strict examples
 
 redis-server:          ## the storage tests start real redis-server processes
 	@bash scripts/ensure-redis-server.sh
