@@ -112,8 +112,19 @@ class HiCache:
             self.hub,
             host_allocator=self.host_pool.allocator if self.host_pool else None,
         )
-        self.consensus = RankConsensus(process_group) if process_group is not None else None
+        # Tensor parallelism: ranks agree (MIN) on prefetched and on stored pages. Each purpose
+        # has its own group, so prefetch rounds and write-back rounds never pair up across
+        # ranks; within a purpose, callers keep the same order on every rank (a TP scheduler
+        # steps in lockstep). Work handles are awaited through the cache's one poller.
+        self.consensus: RankConsensus | None = None
+        self.write_consensus: RankConsensus | None = None
+        if process_group is not None:
+            ranks = dist.get_process_group_ranks(process_group)
+            waiter = self.l1.poller.wait
+            self.consensus = RankConsensus(process_group, waiter=waiter)
+            self.write_consensus = RankConsensus(dist.new_group(ranks=ranks), waiter=waiter)
         agree = self.consensus.agree if self.consensus is not None else None
+        write_agree = self.write_consensus.agree if self.write_consensus is not None else None
         self.storage = storage
         if self.storage is None and config.storage_enabled:
             rank = dist.get_rank(process_group) if process_group is not None else 0
@@ -140,7 +151,7 @@ class HiCache:
                 StorageMedium.DISK if config.storage_backend == "file" else StorageMedium.EXTERNAL
             )
             self.write_back = WriteBack(
-                self.tree, self.storage, self.counters, self.hub, medium=medium, agree=agree
+                self.tree, self.storage, self.counters, self.hub, medium=medium, agree=write_agree
             )
             self.storage.removal_listener = self._l3_removed
             self.prefetcher = Prefetcher(

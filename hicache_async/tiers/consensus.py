@@ -15,7 +15,6 @@ step, passing zeros when idle.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
 
 import anyio
 import torch
@@ -23,18 +22,10 @@ import torch.distributed as dist
 
 from hicache_async.errors import ConfigError
 
-__all__ = ["Completion", "RankConsensus", "poll_until_done"]
+__all__ = ["RankConsensus", "poll_until_done"]
 
 
-class Completion(Protocol):
-    """A ``torch.distributed`` work handle (or anything else with ``is_completed``)."""
-
-    def is_completed(self) -> bool: ...
-
-    def wait(self) -> Any: ...
-
-
-async def poll_until_done(work: Completion) -> None:
+async def poll_until_done(work: dist.Work) -> None:
     """Await ``work`` by polling with back-off (a fallback when no event poller is shared)."""
     delay = 0.0
     while not work.is_completed():
@@ -54,7 +45,7 @@ class RankConsensus:
         self,
         group: dist.ProcessGroup | None = None,
         *,
-        waiter: Callable[[Completion], Awaitable[None]] = poll_until_done,
+        waiter: Callable[[dist.Work], Awaitable[None]] = poll_until_done,
         device: torch.device | str = "cpu",
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
