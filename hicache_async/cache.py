@@ -20,7 +20,7 @@ import warnings
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 import torch
@@ -61,6 +61,9 @@ from hicache_async.tiers.host import HostTier
 from hicache_async.tiers.load import Load
 from hicache_async.tiers.prefetch import Prefetcher
 from hicache_async.tiers.write_back import WriteBack
+
+if TYPE_CHECKING:  # the publisher needs the zmq extra; only imported when configured
+    from hicache_async.kv_publisher import ZmqEventPublisher
 
 __all__ = ["CacheState", "HiCache"]
 
@@ -189,6 +192,7 @@ class HiCache:
         self.backup_batch = 256  # backups moved by one engine call
         self._backups_pending = Pending()
         self._stack: AsyncExitStack | None = None
+        self.publisher: ZmqEventPublisher | None = None  # while open: its bound endpoints
         self._tg: TaskGroup | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -212,7 +216,7 @@ class HiCache:
             if self.config.kv_events is not None and self.config.kv_events.publisher == "zmq":
                 from hicache_async.kv_publisher import ZmqEventPublisher
 
-                await stack.enter_async_context(
+                self.publisher = await stack.enter_async_context(
                     ZmqEventPublisher.open(self.config.kv_events, self.hub)
                 )
             self._stack = stack.pop_all()
