@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-import torch.distributed as dist
 
 from hicache_async.errors import ConfigError
 from hicache_async.tiers.consensus import RankConsensus
+from tests.tiers._ranks import run_ranks
 
 WORLD = 2
 
@@ -46,30 +44,9 @@ async def _rank_main(rank: int) -> dict[str, Any]:
     }
 
 
-def _worker(rank: int, store: str, out: Any) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        out.put((rank, anyio.run(_rank_main, rank)))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.timeout(120)
 def test_two_gloo_ranks_agree_on_the_minimum_without_blocking_the_loop(tmp_path: Path) -> None:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [
-        ctx.Process(target=_worker, args=(r, str(tmp_path / "store"), out)) for r in range(WORLD)
-    ]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + 90
-    results = dict(out.get(timeout=max(1.0, deadline - time.monotonic())) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
-    out.close()
-    out.join_thread()
+    results = run_ranks(_rank_main, WORLD, tmp_path)
     for rank in range(WORLD):
         got = results[rank]
         assert got["first"] == [10, 4, 7]

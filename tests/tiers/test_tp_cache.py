@@ -3,14 +3,14 @@ in one rank's L3 only is used by neither, one in both is used by both, and the t
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 import torch
 import torch.distributed as dist
+
+from tests.tiers._ranks import run_ranks
 
 WORLD = 2
 ONLY_RANK0 = torch.arange(1000, 1000 + 24 * 4)
@@ -69,28 +69,9 @@ async def _rank_main(rank: int) -> dict[str, Any]:
         return {"hits": hits, "tree": tree, "rounds": consensus.rounds}
 
 
-def _worker(rank: int, store: str, out: Any) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        out.put((rank, anyio.run(_rank_main, rank)))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.timeout(180)
 def test_ranks_use_only_what_every_rank_prefetched(tmp_path: Path) -> None:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    store = str(tmp_path / "store")
-    procs = [ctx.Process(target=_worker, args=(r, store, out)) for r in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    results = dict(out.get(timeout=150) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
-    out.close()
-    out.join_thread()
+    results = run_ranks(_rank_main, WORLD, tmp_path)
     # Rank 0 held ONLY_RANK0 in L3, rank 1 did not: neither used it (MIN), both used BOTH.
     assert results[0]["hits"] == results[1]["hits"] == [0, BOTH.numel()]
     assert results[0]["tree"] == results[1]["tree"]
