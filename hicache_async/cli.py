@@ -124,7 +124,12 @@ def _replay(args: argparse.Namespace) -> int:
         limit=args.limit,
         progress=not args.json and sys.stderr.isatty(),
     )
-    result = anyio.run(replay, options).as_dict()
+    outcome = anyio.run(replay, options)
+    if args.plot:
+        from hicache_async.workloads.replay import plot
+
+        plot(outcome, Path(args.plot))
+    result = outcome.as_dict()
     if args.json:
         print(json.dumps(result))
         return 0 if result["verify_failures"] == 0 else 1
@@ -182,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--limit", type=int, help="replay only the first N lines")
     rep.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    rep.add_argument("--plot", metavar="PNG", help="hit ratio per tier over time (matplotlib)")
     rep.set_defaults(func=_replay)
     return parser
 

@@ -20,7 +20,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from hicache_async.cache import HiCache
 from hicache_async.config import HiCacheConfig
-from hicache_async.errors import CapacityError
+from hicache_async.errors import CapacityError, ConfigError
 from hicache_async.layout import KVLayout
 from hicache_async.metrics import Tier
 from hicache_async.workloads.mooncake import (
@@ -68,6 +68,9 @@ class ReplayResult:
     refused: int = 0  # requests L1 could not hold (counted as misses)
     wall_s: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
+    # Per window of requests: (requests so far, pages, device, host, storage hit pages).
+    timeline: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    _window: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
 
     def as_dict(self) -> dict[str, Any]:
         tiers = self.stats.get("tiers", {})
@@ -86,6 +89,38 @@ class ReplayResult:
             "wall_s": self.wall_s,
             "stats": self.stats,
         }
+
+
+def plot(result: ReplayResult, path: Path) -> None:
+    """Hit ratio per tier over the replay, in windows of 200 requests (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the extra
+        raise ConfigError("--plot needs matplotlib: pip install 'hicache-async[plot]'") from exc
+    xs = [row[0] for row in result.timeline]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bottom = [0.0] * len(xs)
+    for i, tier in enumerate(Tier, start=2):
+        ys = [row[i] / max(1, row[1]) for row in result.timeline]
+        ax.fill_between(
+            xs,
+            bottom,
+            [b + y for b, y in zip(bottom, ys, strict=True)],
+            label=f"{tier.value} hits",
+            step="mid",
+        )
+        bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
+    ax.set_xlabel("requests replayed")
+    ax.set_ylabel("hit ratio (pages), per 200 requests")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    ax.set_title("hicache-async replay: where the hits came from")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _layout(page_tokens: int) -> KVLayout:
@@ -176,6 +211,13 @@ async def _serve(
     result.requests += 1
     result.pages += len(request.hash_ids)
     result.hit_pages += hit_pages
+    window = result._window
+    window[0] += len(request.hash_ids)
+    for i, tier in enumerate(Tier, start=1):
+        window[i] += hit.tokens_by_tier.get(tier, 0) // size
+    if result.requests % 200 == 0:
+        result.timeline.append((result.requests, *window))  # type: ignore[arg-type]
+        result._window = [0, 0, 0, 0]
     result.input_tokens += request.input_length
     result.hit_tokens += min(hit_pages * TRACE_BLOCK_TOKENS, request.input_length)
 

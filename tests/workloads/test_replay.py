@@ -43,3 +43,10 @@ def test_unbounded_file_l3_finds_every_repeated_prefix(
     assert isinstance(tiers, dict)
     assert tiers["storage"]["hit_pages"] > 0
     assert result["verify_failures"] == 0
+
+
+def test_plot_writes_a_png(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    png = tmp_path / "hits.png"
+    result = replay(capsys, "--limit", "400", "--l1-pages", "128", "--plot", str(png))
+    assert result["requests"] == 400
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
