@@ -25,6 +25,7 @@ import anyio.lowlevel
 import torch
 
 from hicache_async import HiCache, HiCacheConfig, KVLayout
+from hicache_async.memory import pages_to_slots
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", page_size=16)
 SMALL = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float16", page_size=16)
@@ -131,6 +132,51 @@ async def hit_path(requests: list[torch.Tensor], repeats: int) -> dict[str, Any]
     return {"runtime_us": r * 1e6, "direct_us": d * 1e6, "overhead": r / d - 1}
 
 
+async def hit_and_tail(requests: list[torch.Tensor], repeats: int) -> dict[str, Any]:
+    """A cached prompt plus one new page, the common request: through a session (match, load,
+    allocate, commit) and through the tree and the allocator directly (match, lock, alloc,
+    insert, unlock). No backups (write_back policy, nothing evicted), so both do the same work."""
+    ps = SMALL.page_size
+    pages = sum(t.numel() for t in requests) // ps + len(requests) * (2 * repeats + 2)
+    cfg = config(device_pages=pages, layout=SMALL).model_copy(update={"write_policy": "write_back"})
+    fresh = iter(range(10**9, 2 * 10**9, ps))
+
+    def with_tail(tokens: torch.Tensor) -> torch.Tensor:
+        """The cached prompt's whole pages, then one page of tokens never seen before."""
+        first = next(fresh)
+        return torch.cat([tokens[: tokens.numel() // ps * ps], torch.arange(first, first + ps)])
+
+    async with HiCache.open(cfg) as cache:
+        for tokens in requests:
+            async with cache.session(tokens) as s:
+                hit = await s.load()
+                await s.commit(s.allocate(tokens.numel() - hit.length))
+        runtime, direct = [], []
+        tree, allocator = cache.tree, cache.l1.allocator
+        for _ in range(repeats):
+            batch = [with_tail(t) for t in requests]
+            start = time.perf_counter()
+            for tokens in batch:
+                async with cache.session(tokens) as s:
+                    hit = await s.load()
+                    await s.commit(s.allocate(tokens.numel() - hit.length))
+            runtime.append((time.perf_counter() - start) / len(batch))
+            batch = [with_tail(t) for t in requests]
+            start = time.perf_counter()
+            for tokens in batch:
+                key = cache.key(tokens)
+                match = tree.match_prefix(key)
+                tree.lock(match.last_device_node)
+                tree.lock_host(match.last_host_node)
+                new = pages_to_slots(allocator.alloc(1), ps)  # type: ignore[arg-type]
+                tree.insert(key, torch.cat([match.device_indices, new]))
+                tree.unlock_host(match.last_host_node)
+                tree.unlock(match.last_device_node)
+            direct.append((time.perf_counter() - start) / len(batch))
+    r, d = statistics.median(runtime), statistics.median(direct)
+    return {"runtime_us": r * 1e6, "direct_us": d * 1e6, "overhead": r / d - 1}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=4000)
@@ -142,12 +188,13 @@ def main() -> None:
     result = {
         "mixed": anyio.run(mixed, reqs, args.concurrency),
         "hit_path": anyio.run(hit_path, reqs[:500], args.repeats),
+        "hit_and_tail": anyio.run(hit_and_tail, reqs[:500], args.repeats),
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    m, h = result["mixed"], result["hit_path"]
+    m, h, t = result["mixed"], result["hit_path"], result["hit_and_tail"]
     print(
         f"mixed: {m['requests_per_s']:.0f} requests/s, hit ratio {m['hit_ratio_tokens']:.2f}, "
         f"loop lag p50 {m['loop_lag_ms']['p50']:.2f} ms p99 {m['loop_lag_ms']['p99']:.2f} ms"
@@ -155,6 +202,10 @@ def main() -> None:
     print(
         f"hit path: runtime {h['runtime_us']:.1f} us, direct {h['direct_us']:.1f} us, "
         f"overhead {h['overhead']:.0%}"
+    )
+    print(
+        f"hit + new page: runtime {t['runtime_us']:.1f} us, direct {t['direct_us']:.1f} us, "
+        f"overhead {t['overhead']:.0%}"
     )
 
 

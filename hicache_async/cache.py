@@ -363,13 +363,14 @@ class HiCache:
         """Call after ``tree.insert(key, ...)`` put ``new_tokens`` new tokens on L1 (the
         insert's length minus what it returned): emits their ``BlockStored(GPU)`` and, under
         ``write_through``, schedules their backup. Sessions do this themselves."""
-        if new_tokens <= 0:
-            return
+        write_through = self.config.write_policy is WritePolicy.WRITE_THROUGH
+        if new_tokens <= 0 or not (write_through or self.hub.active):
+            return  # nothing to announce, nothing to back up
         last = self.tree.match_prefix(key).last_device_node
         if self.hub.active:
             span = span_chain(last, new_tokens)
             self.hub.emit([stored_event(self.tree, node, StorageMedium.GPU) for node in span])
-        if self.config.write_policy is WritePolicy.WRITE_THROUGH:
+        if write_through:
             self._schedule_backups(last, hits=0)
 
     def _after_match(self, match: MatchResult) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from hicache_async.config import PrefetchPolicy
 from hicache_async.errors import CapacityError, HiCacheError, LayoutError
+from hicache_async.memory.slots import pages_to_slots
 from hicache_async.metrics import Tier
 from hicache_async.radix import MatchResult, RadixKey, TreeNode
 from hicache_async.tiers.load import LoadResult
@@ -227,8 +228,18 @@ class Session:
             return
         owned = new[max(0, present - start) : max(0, end - start)]
         if owned.numel():
-            keep = ~torch.isin(allocated, owned.to(allocated.device))
-            self._allocated = allocated[keep]
+            # A few pages: a set is far cheaper than torch.isin on small tensors.
+            size = self._cache.page_size
+            taken = set(owned[::size].tolist())
+            pages = allocated[::size].tolist()
+            kept = [i for i, first in enumerate(pages) if first not in taken]
+            if not kept:  # the usual case: the tree took every page
+                self._allocated = None
+                return
+            if len(kept) == len(pages):
+                return
+            index = torch.tensor(kept, dtype=torch.int64)
+            self._allocated = pages_to_slots(allocated[::size][index] // size, size)
 
     def _after_prefetch(self, result: PrefetchResult) -> None:
         if result.arrived_pages:
