@@ -37,6 +37,7 @@ from hicache_async.events import (
     KVEvent,
     StorageMedium,
 )
+from hicache_async.memory.allocator import PagedAllocator
 from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.metrics import (
     CacheStats,
@@ -422,23 +423,19 @@ class HiCache:
 
     def stats(self) -> CacheStats:
         """A JSON-ready snapshot of hits, occupancy, transitions, queues and faults."""
-        ps = self.page_size
-        tree = self.tree
-        occupancy = {
-            Tier.DEVICE: TierStats(
-                capacity_pages=self.l1.allocator.usable,
-                used_pages=self.l1.allocator.used,
-                locked_pages=tree.protected_size(RadixTier.DEVICE) // ps,
-                evictable_pages=tree.evictable_size(RadixTier.DEVICE) // ps,
+        ps, tree = self.page_size, self.tree
+
+        def occupancy_of(allocator: PagedAllocator, tier: RadixTier) -> TierStats:
+            return TierStats(
+                capacity_pages=allocator.usable,
+                used_pages=allocator.used,
+                locked_pages=tree.protected_size(tier) // ps,
+                evictable_pages=tree.evictable_size(tier) // ps,
             )
-        }
+
+        occupancy = {Tier.DEVICE: occupancy_of(self.l1.allocator, RadixTier.DEVICE)}
         if self.host_pool is not None:
-            occupancy[Tier.HOST] = TierStats(
-                capacity_pages=self.host_pool.allocator.usable,
-                used_pages=self.host_pool.allocator.used,
-                locked_pages=tree.protected_size(RadixTier.HOST) // ps,
-                evictable_pages=tree.evictable_size(RadixTier.HOST) // ps,
-            )
+            occupancy[Tier.HOST] = occupancy_of(self.host_pool.allocator, RadixTier.HOST)
         queues = {
             "backup": QueueStats(
                 depth=self._backups[1].statistics().current_buffer_used,

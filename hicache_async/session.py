@@ -25,7 +25,6 @@ import torch
 
 from hicache_async.config import PrefetchPolicy
 from hicache_async.errors import CapacityError, HiCacheError, LayoutError
-from hicache_async.memory.slots import pages_to_slots
 from hicache_async.metrics import Tier
 from hicache_async.radix import MatchResult, RadixKey, TreeNode
 from hicache_async.tiers.load import LoadResult
@@ -239,7 +238,7 @@ class Session:
             if len(kept) == len(pages):
                 return
             index = torch.tensor(kept, dtype=torch.int64)
-            self._allocated = pages_to_slots(allocated[::size][index] // size, size)
+            self._allocated = allocated.view(-1, size)[index].reshape(-1)
 
     def _after_prefetch(self, result: PrefetchResult) -> None:
         if result.arrived_pages:

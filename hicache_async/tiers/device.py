@@ -7,19 +7,17 @@ that cannot be met takes nothing.
 
 from __future__ import annotations
 
-import torch
-
 from hicache_async.events import EventHub, StorageMedium
 from hicache_async.memory.allocator import PagedAllocator
-from hicache_async.memory.slots import pages_to_slots, slots_to_pages
+from hicache_async.memory.slots import slots_to_pages
 from hicache_async.radix import RadixTree
-from hicache_async.radix import Tier as RadixTier
 from hicache_async.tiers._events import removed_event
+from hicache_async.tiers._paged import PagedTier
 
 __all__ = ["DeviceTier"]
 
 
-class DeviceTier:
+class DeviceTier(PagedTier):
     """Reserves and frees L1 pages for sessions and loads."""
 
     def __init__(
@@ -31,22 +29,9 @@ class DeviceTier:
         *,
         host_allocator: PagedAllocator | None = None,
     ) -> None:
-        self.tree, self.allocator, self.page_size, self.hub = tree, allocator, page_size, hub
+        super().__init__(allocator, page_size)
+        self.tree, self.hub = tree, hub
         self._host_allocator = host_allocator  # frees host pages of nodes eviction removes
-        self.evicted_pages = 0
-
-    def has_room(self, n_pages: int) -> bool:
-        """Whether ``n_pages`` could be reserved now (free or evictable pages)."""
-        evictable = self.tree.evictable_size(RadixTier.DEVICE) // self.page_size
-        return self.allocator.available + evictable >= n_pages
-
-    def reserve(self, n_pages: int) -> torch.Tensor | None:
-        """Token slots of ``n_pages`` device pages, evicting L1 as needed; None if impossible."""
-        short = n_pages - self.allocator.available
-        if short > 0:
-            self.evict(short)
-        pages = self.allocator.alloc(n_pages)
-        return None if pages is None else pages_to_slots(pages, self.page_size)
 
     def evict(self, n_pages: int, *, keep_host: bool = True, emit: bool = True) -> int:
         """Evict up to ``n_pages`` device pages; returns how many were freed."""
@@ -65,8 +50,3 @@ class DeviceTier:
             self.hub.emit(events)
         self.evicted_pages += result.num_pages
         return result.num_pages
-
-    def free(self, slots: torch.Tensor) -> None:
-        """Return device token slots (whole pages) to the pool."""
-        if slots.numel():
-            self.allocator.free(slots_to_pages(slots.cpu(), self.page_size))

@@ -24,6 +24,7 @@ from hicache_async.metrics import Counters, Transition
 from hicache_async.radix import TOKEN_BYTES, MatchResult, RadixKey, RadixTree, hash_pages
 from hicache_async.storage import HiCacheStorage
 from hicache_async.tiers._events import token_list
+from hicache_async.tiers._paged import leading
 from hicache_async.tiers._pending import Pending
 from hicache_async.tiers.host import HostTier
 
@@ -64,15 +65,6 @@ class PrefetchControl:
         self.terminated = True
         if self._scope is not None:
             self._scope.cancel()
-
-
-def _leading(flags: list[bool]) -> int:
-    count = 0
-    for flag in flags:
-        if not flag:
-            break
-        count += 1
-    return count
 
 
 class Prefetcher:
@@ -205,7 +197,7 @@ class Prefetcher:
             while arrived < len(keys):
                 batch = keys[arrived : arrived + self.batch_pages]
                 part = slots[arrived * size : (arrived + len(batch)) * size]
-                got = _leading(await self.storage.batch_get_v1(batch, part))
+                got = leading(await self.storage.batch_get_v1(batch, part))
                 arrived += got
                 if got < len(batch):
                     break

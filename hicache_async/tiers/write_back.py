@@ -28,6 +28,7 @@ from hicache_async.metrics import Counters, Transition
 from hicache_async.radix import RadixTree, TreeNode
 from hicache_async.storage import HiCacheStorage
 from hicache_async.tiers._events import stored_event
+from hicache_async.tiers._paged import leading
 from hicache_async.tiers._pending import Pending
 
 __all__ = ["WriteBack", "WriteJob"]
@@ -43,16 +44,6 @@ class WriteJob:
     keys: list[str]  # chained page hashes, one per page
     host_slots: torch.Tensor  # token slots of the host pool, whole pages
     event: BlockStored | None  # captured now (the node may split later); None: nobody listens
-
-
-def _leading(flags: list[bool]) -> int:
-    """How many leading entries are True (a later page counts only after its prefix)."""
-    count = 0
-    for flag in flags:
-        if not flag:
-            break
-        count += 1
-    return count
 
 
 class WriteBack:
@@ -177,7 +168,7 @@ class WriteBack:
         async with self._done[1]:
             async for job, flags in self._done[1]:
                 try:
-                    stored = _leading(flags)
+                    stored = leading(flags)
                     if self._agree is not None:
                         stored = await self._agree(stored)
                     if stored and job.event is not None:

@@ -1,0 +1,43 @@
+"""What the L1 and L2 tiers share: reserving whole pages, evicting first when short."""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from hicache_async.memory.allocator import PagedAllocator
+from hicache_async.memory.slots import pages_to_slots, slots_to_pages
+
+__all__ = ["PagedTier", "leading"]
+
+
+def leading(flags: list[bool]) -> int:
+    """How many leading entries are true (a page counts only after its whole prefix)."""
+    return next((i for i, flag in enumerate(flags) if not flag), len(flags))
+
+
+class PagedTier(abc.ABC):
+    """Reserves token slots of whole pages; a reservation that cannot be met takes nothing."""
+
+    def __init__(self, allocator: PagedAllocator, page_size: int) -> None:
+        self.allocator = allocator
+        self.page_size = page_size
+        self.evicted_pages = 0
+
+    def reserve(self, n_pages: int) -> torch.Tensor | None:
+        """Token slots of ``n_pages`` pages, evicting as needed; None if impossible."""
+        short = n_pages - self.allocator.available
+        if short > 0:
+            self.evict(short)
+        pages = self.allocator.alloc(n_pages)
+        return None if pages is None else pages_to_slots(pages, self.page_size)
+
+    def free(self, slots: torch.Tensor) -> None:
+        """Return token slots (whole pages) to the pool."""
+        if slots.numel():
+            self.allocator.free(slots_to_pages(slots.cpu(), self.page_size))
+
+    @abc.abstractmethod
+    def evict(self, n_pages: int) -> int:
+        """Evict up to ``n_pages`` pages of this tier; returns how many were freed."""
