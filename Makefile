@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # CPU machines get the CPU build of torch first, so pip never pulls a multi-GB CUDA build.
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: run demo test lint typecheck pytest bench clean redis-server
+.PHONY: run demo test lint typecheck pytest bench clean redis-server mooncake
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,13 +27,16 @@ demo: run
 lint: $(STAMP)         ## ruff and mypy --strict
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict hicache_async backends/hicache_file backends/hicache_memory backends/hicache_redis
+	$(BIN)/mypy --strict hicache_async backends/hicache_file backends/hicache_memory backends/hicache_redis backends/hicache_mooncake
 	$(BIN)/mypy --strict examples
 
 redis-server:          ## the storage tests start real redis-server processes
 	@bash scripts/ensure-redis-server.sh
 
-pytest: $(STAMP) redis-server
+mooncake: $(STAMP)     ## the Mooncake Store tests start a real mooncake_master and store node
+	@bash scripts/ensure-mooncake.sh $(BIN)/python
+
+pytest: $(STAMP) redis-server mooncake
 	$(BIN)/python -m pytest -q
 
 test: lint pytest      ## what CI runs

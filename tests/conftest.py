@@ -19,10 +19,12 @@ def _clean_hicache_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """Every async test runs on asyncio's own loop and on uvloop."""
+    """Every async test runs on asyncio's own loop and on uvloop (``one_loop``: asyncio's)."""
     factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
         "asyncio": asyncio.new_event_loop
     }
+    if item.get_closest_marker("one_loop") is not None:
+        return factories
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is in the test extra

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hicache_async.testing.mooncake_server import MooncakeStore, mooncake_missing
 from hicache_async.testing.redis_server import (
     RedisClusterProcesses,
     RedisProcess,
@@ -53,3 +54,31 @@ def redis_own_node(tmp_path: Path) -> Iterator[RedisProcess]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def mooncake_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MooncakeStore]:
+    """A real Mooncake master and store node on loopback (skipped where Mooncake is missing)."""
+    missing = mooncake_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    store = MooncakeStore(tmp_path_factory.mktemp("mooncake"))
+    store.start()
+    try:
+        yield store
+    finally:
+        store.stop()
+
+
+@pytest.fixture
+def mooncake_own_store(tmp_path: Path) -> Iterator[MooncakeStore]:
+    """A store of the test's own, whose node it may kill."""
+    missing = mooncake_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    store = MooncakeStore(tmp_path / "mooncake")
+    store.start()
+    try:
+        yield store
+    finally:
+        store.stop()

@@ -1,5 +1,6 @@
 """Two servers share L3: a second HiCache in another process gets L3 hits, bit-exact, for the
-prefixes the first wrote; on one Redis, on a 3-node Redis Cluster, and on a shared directory."""
+prefixes the first wrote; on one Redis, on a 3-node Redis Cluster, on Mooncake Store, and on a
+shared directory."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import anyio
 import torch
 
 from hicache_async import HiCache, HiCacheConfig, KVLayout
+from hicache_async.testing.mooncake_server import MooncakeStore
 from hicache_async.testing.redis_server import RedisClusterProcesses, RedisProcess
 from tests.test_cache_e2e import serve
 
@@ -80,4 +82,10 @@ def test_two_servers_on_a_redis_cluster(redis_cluster: RedisClusterProcesses) ->
 
 def test_two_servers_on_a_shared_directory(tmp_path: Path) -> None:
     cfg = config("file", {"path": str(tmp_path / "shared")})
+    assert first_then_second(cfg) == {"hit": 64, "storage": 64}
+
+
+def test_two_servers_on_mooncake_store(mooncake_store: MooncakeStore) -> None:
+    # Both servers are pure clients: the pages live in the store node, beyond the first's life.
+    cfg = config("mooncake", mooncake_store.options(prefix=f"{uuid.uuid4().hex[:8]}:"))
     assert first_then_second(cfg) == {"hit": 64, "storage": 64}
