@@ -5,7 +5,9 @@ File backend, per page size: write (``batch_set_v1``), hot read (page cache warm
 ``open``/``os.pwrite``/``close`` and ``open``/``os.preadv``/``close`` of the same page bytes, one
 file a page, in one thread. The event loop's lag (a 1 ms sleeper's overshoot) is sampled while
 the backend runs. Redis: ``batch_set_v1``/``batch_get_v1`` against raw pipelined SET/GET of the
-same values from the same ``redis.asyncio`` client.
+same values from the same ``redis.asyncio`` client. Mooncake (``--backends mooncake``; a master and
+a store node on loopback): ``batch_set_v1``/``batch_get_v1`` against the bare client's
+``batch_put_from``/``batch_get_into`` of the same registered pool pages.
 
     python benchmarks/bench_storage.py --json                      # 512 MiB a phase
     python benchmarks/bench_storage.py --total-mib 128 --repeats 1 # quick
@@ -290,8 +292,80 @@ async def run_redis(args: argparse.Namespace, page_bytes: int, port: int) -> dic
             if not same_bytes(src, dst):
                 raise RuntimeError("redis read-back bytes differ")
             await client.flushall()
+    return ratios_row("redis", layout, n, times, lag)
+
+
+async def run_mooncake(args: argparse.Namespace, page_bytes: int, store: Any) -> dict[str, Any]:
+    """Our backend against the bare Mooncake client moving the same registered pool pages
+    (``batch_put_from`` / ``batch_get_into``, ``batch_keys`` a call, in a worker thread)."""
+    layout = layout_for(page_bytes)
+    n = max(1, (args.redis_total_mib << 20) // layout.bytes_per_page)
+    src = HostKVPool(layout, n, HostLayout.PAGE_FIRST, pin_memory=False)
+    src.buffer.view(-1).view(torch.uint8).copy_(
+        torch.randint(0, 256, (src.nbytes,), dtype=torch.uint8)
+    )
+    dst = HostKVPool(layout, n, HostLayout.PAGE_FIRST, pin_memory=False)
+    dst.buffer.zero_()
+    keys = [f"mb-{page_bytes}-{i}" for i in range(n)]
+    all_slots = pages_to_slots(torch.arange(n, dtype=torch.int64), layout.page_size)
+    cfg = HiCacheStorageConfig(model_name="bench")
+    times: dict[str, list[float]] = {k: [] for k in ("raw_set", "set", "raw_get", "get")}
+    lag = LagProbe()
+    step = args.mooncake_batch_keys
+    size = layout.bytes_per_page
+    for _ in range(args.repeats):
+        storage = create_storage("mooncake", cfg, **store.options(prefix="bench:", batch_keys=step))
+        async with storage:
+            storage.register_mem_pool_host(src)
+            await storage.clear()  # connects and registers src
+            client = storage._store  # type: ignore[attr-defined]
+            client.register_buffer(dst.buffer.data_ptr(), dst.nbytes)  # src: by the backend
+
+            def raw(op: str, pool: HostKVPool, prefix: str = "raw:") -> None:
+                base = pool.buffer.data_ptr()
+                for lo in range(0, n, step):
+                    part = range(lo, min(n, lo + step))
+                    names = [f"{prefix}{keys[i]}" for i in part]
+                    ptrs = [base + i * size for i in part]
+                    codes = getattr(client, op)(names, ptrs, [size] * len(names))
+                    if any(c < 0 for c in codes):
+                        raise RuntimeError(f"raw mooncake {op} failed: {codes}")
+
+            async def ours(op: Callable[..., Awaitable[list[bool]]]) -> None:
+                if not all(await op(keys, all_slots)):
+                    raise RuntimeError("a mooncake benchmark page failed")
+
+            # Touch the store node's memory first, so neither side pays its first-touch faults.
+            await asyncio.to_thread(raw, "batch_put_from", src, "warm:")
+            await asyncio.to_thread(client.remove_by_regex, "^warm:", True)
+            times["raw_set"].append(
+                await timed(lambda: asyncio.to_thread(raw, "batch_put_from", src))
+            )
+            with lag:
+                times["set"].append(await timed(lambda: ours(storage.batch_set_v1)))
+            times["raw_get"].append(
+                await timed(lambda: asyncio.to_thread(raw, "batch_get_into", dst))
+            )
+            if not same_bytes(src, dst):
+                raise RuntimeError("raw mooncake read-back bytes differ")
+            dst.buffer.zero_()
+            client.unregister_buffer(dst.buffer.data_ptr())  # the backend registers it itself
+            storage.register_mem_pool_host(dst)
+            with lag:
+                times["get"].append(await timed(lambda: ours(storage.batch_get_v1)))
+            if not same_bytes(src, dst):
+                raise RuntimeError("mooncake read-back bytes differ")
+            await storage.clear()
+            client.remove_by_regex("^raw:", True)
+    return ratios_row("mooncake", layout, n, times, lag)
+
+
+def ratios_row(
+    backend: str, layout: KVLayout, n: int, times: dict[str, list[float]], lag: LagProbe
+) -> dict[str, Any]:
+    """MB/s of our set/get and of the raw client's, and their ratios."""
     total = n * layout.bytes_per_page
-    row: dict[str, Any] = {"backend": "redis", "page_bytes": layout.bytes_per_page, "pages": n}
+    row: dict[str, Any] = {"backend": backend, "page_bytes": layout.bytes_per_page, "pages": n}
     for ours_key, raw_key in (("set", "raw_set"), ("get", "raw_get")):
         a = total / statistics.median(times[ours_key]) / 1e6
         b = total / statistics.median(times[raw_key]) / 1e6
@@ -320,15 +394,20 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["backend"] == "idle":
             lines.append(f"\nIdle event loop, same probe: lag p99 {r['loop_lag_p99_ms']} ms.")
-    reds = [r for r in rows if r["backend"] == "redis"]
-    if reds:
+    for backend, raw_set, raw_get in (
+        ("redis", "raw SET", "raw GET"),
+        ("mooncake", "raw put_from", "raw get_into"),
+    ):
+        picked = [r for r in rows if r["backend"] == backend]
+        if not picked:
+            continue
         lines += [
             "",
-            "| redis page | pages | set MB/s | raw SET | x raw | get MB/s | raw GET | x raw "
-            "| loop lag p99 ms |",
+            f"| {backend} page | pages | set MB/s | {raw_set} | x raw | get MB/s | {raw_get} "
+            "| x raw | loop lag p99 ms |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in reds:
+        for r in picked:
             lines.append(
                 f"| {r['page_bytes'] >> 10} KiB | {r['pages']} | {r['set_mbps']} | "
                 f"{r['raw_set_mbps']} | {r['set_x_raw']} | {r['get_mbps']} | "
@@ -368,6 +447,19 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                     print(f"redis {size >> 10} KiB done", file=sys.stderr)
             finally:
                 server.stop()
+    if "mooncake" in args.backends:
+        from hicache_async.testing.mooncake_server import MooncakeStore
+
+        with tempfile.TemporaryDirectory(prefix="hicache-bench-mooncake-") as tmp:
+            # Room for the raw and our copies of the biggest phase, with headroom.
+            store = MooncakeStore(Path(tmp), segment_bytes=(4 * args.redis_total_mib + 256) << 20)
+            store.start()
+            try:
+                for size in sizes:
+                    rows.append(await run_mooncake(args, size, store))
+                    print(f"mooncake {size >> 10} KiB done", file=sys.stderr)
+            finally:
+                store.stop()
     return rows
 
 
@@ -377,13 +469,14 @@ def main() -> None:
     parser.add_argument("--page-kib", default="256,2048,8192", help="page sizes in KiB")
     parser.add_argument("--total-mib", type=int, default=512, help="bytes a file phase moves")
     parser.add_argument(
-        "--redis-total-mib", type=int, default=128, help="bytes a redis phase moves"
+        "--redis-total-mib", type=int, default=128, help="bytes a redis or mooncake phase moves"
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-mib", type=int, default=64, help="bytes per batch_*_v1 call")
     parser.add_argument("--inflight", type=int, default=1, help="batch calls at a time")
     parser.add_argument("--io-threads", type=int, default=None, help="default: the backend's")
     parser.add_argument("--redis-batch-keys", type=int, default=64)
+    parser.add_argument("--mooncake-batch-keys", type=int, default=128)
     parser.add_argument("--backends", default="file,redis")
     parser.add_argument("--dir", default=None, help="where the files go (a disk, not tmpfs)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-read phase")
