@@ -109,6 +109,9 @@ class HiCache:
             self.host_tier = HostTier(self.tree, self.host_pool, self.hub)
         self.l1 = build_l1(config, device, self.host_pool)
         self.device_pool = self.l1.pool
+        self.device_allocator = self.l1.allocator
+        # write_through_selective counts hits on every match (the others need no hook there).
+        self.backs_up_on_hit = config.write_policy is WritePolicy.WRITE_THROUGH_SELECTIVE
         self.device_tier = DeviceTier(
             self.tree,
             self.l1.allocator,
@@ -298,8 +301,9 @@ class HiCache:
         priority: int = 0,
     ) -> Session:
         """A request's session: ``async with cache.session(tokens) as s: ...``."""
-        self._check_open()
-        return Session(self, self.key(tokens, extra_key), priority)
+        if self.state is not CacheState.OPEN:
+            self._check_open()
+        return Session(self, RadixKey(tokens, extra_key), priority)
 
     def events(self, max_batches: int = 10_000) -> EventStream:
         """A bounded stream of KV event batches from now on (``async with`` it to close)."""
@@ -376,7 +380,7 @@ class HiCache:
 
     def _after_match(self, match: MatchResult) -> None:
         """``write_through_selective``: back up a prefix once it has been hit twice."""
-        if self.config.write_policy is WritePolicy.WRITE_THROUGH_SELECTIVE:
+        if self.backs_up_on_hit:
             self._schedule_backups(match.last_device_node, hits=2)
 
     def _schedule_backups(self, last: TreeNode, *, hits: int) -> None:

@@ -27,13 +27,14 @@ from hicache_async.config import PrefetchPolicy
 from hicache_async.errors import CapacityError, HiCacheError, LayoutError
 from hicache_async.metrics import Tier
 from hicache_async.radix import MatchResult, RadixKey, TreeNode
-from hicache_async.tiers.load import LoadResult
 from hicache_async.tiers.prefetch import PrefetchControl, PrefetchOutcome, PrefetchResult
 
 if TYPE_CHECKING:
     from hicache_async.cache import HiCache
 
 __all__ = ["Hit", "Session", "SessionState"]
+
+_DEVICE, _HOST, _STORAGE = Tier.DEVICE, Tier.HOST, Tier.STORAGE
 
 
 class SessionState(enum.Enum):
@@ -55,17 +56,41 @@ class Hit:
 
 
 class Session:
-    """One request's view of the cache. Create with :meth:`HiCache.session`."""
+    """One request's view of the cache. Create with :meth:`HiCache.session`.
+
+    The hit path (enter, ``load`` of a prefix L1 holds, ``allocate``, ``commit``, exit) runs
+    without suspending and without tensor work beyond what the tree and the allocator need:
+    a session costs little more than matching, locking and unlocking by hand
+    (``benchmarks/bench_runtime.py``).
+    """
+
+    __slots__ = (
+        "_allocated",
+        "_cache",
+        "_device_node",
+        "_handed",
+        "_hit",
+        "_host_node",
+        "_match",
+        "_n_tokens",
+        "_prefetch",
+        "_storage_tokens",
+        "key",
+        "priority",
+        "state",
+    )
 
     def __init__(self, cache: HiCache, key: RadixKey, priority: int = 0) -> None:
         self._cache = cache
         self.key = key
+        self._n_tokens = len(key)
         self.priority = priority
         self.state = SessionState.NEW
         self._match: MatchResult | None = None
         self._device_node: TreeNode | None = None  # device-locked by this session
-        self._host_node: TreeNode | None = None  # host-locked by this session
+        self._host_node: TreeNode | None = None  # host-locked by this session (a host hit)
         self._allocated: torch.Tensor | None = None  # device slots not yet committed
+        self._handed: torch.Tensor | None = None  # what the last allocate() returned
         self._prefetch: _BackgroundPrefetch | None = None
         self._storage_tokens = 0
         self._hit: Hit | None = None
@@ -73,9 +98,10 @@ class Session:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._cache._check_open()
+        cache = self._cache
+        cache._check_open()
         self._rematch()
-        self._cache.counters.requests += 1
+        cache.counters.requests += 1
         self.state = SessionState.MATCHED
         return self
 
@@ -135,8 +161,11 @@ class Session:
 
         ``limit`` caps the hit (rounded down to whole pages): a model that must compute at
         least the prompt's last token to get its logits passes ``len(tokens) - 1``.
+
+        A prefix L1 already holds completes without suspending (no copy to wait for).
         """
-        self._expect(SessionState.MATCHED)
+        if self.state is not SessionState.MATCHED:
+            self._expect(SessionState.MATCHED)
         if self._hit is not None:
             return self._hit
         if self._prefetch is not None:
@@ -145,71 +174,94 @@ class Session:
             if self._prefetch.result is not None:
                 self._after_prefetch(self._prefetch.result)
         cache = self._cache
-        match = self.match
-        device_tokens = match.device_hit_length
-        if cache.loader is None:  # no L2: nothing to load
-            loaded = LoadResult(match.device_indices, 0, match.last_device_node)
-        else:
+        match = self._match
+        assert match is not None  # MATCHED
+        indices = match.device_indices
+        device_tokens = indices.numel()
+        loaded_tokens = 0
+        if match.host_hit_length and cache.loader is not None:
             loaded = await cache.loader.load(match)
-        if loaded.loaded_tokens:
-            # The loaded nodes are now device-resident: hold them for the model.
-            cache.tree.lock(loaded.last_node)
-            self._release_device_lock()
-            self._device_node = loaded.last_node
-        length = device_tokens + loaded.loaded_tokens
+            loaded_tokens = loaded.loaded_tokens
+            if loaded_tokens:
+                # The loaded nodes are now device-resident: hold them for the model.
+                cache.tree.lock(loaded.last_node)
+                self._release_device_lock()
+                self._device_node = loaded.last_node
+                indices = loaded.device_indices
+        length = device_tokens + loaded_tokens
         if limit is not None and limit < length:
             length = max(0, limit) // cache.page_size * cache.page_size
-        # Tokens by the tier they were found in: the device part, then pages L2 held, then
-        # the pages the prefetch brought from L3 (the match's tail).
-        used_device = min(device_tokens, length)
-        from_host = loaded.loaded_tokens - min(self._storage_tokens, loaded.loaded_tokens)
-        used_host = min(from_host, length - used_device)
-        by_tier = {
-            Tier.DEVICE: used_device,
-            Tier.HOST: used_host,
-            Tier.STORAGE: length - used_device - used_host,
-        }
+            indices = indices[:length]
         # Make sure allocate() can place the rest of the prompt: pages pinned by backups in
         # flight free up when their copies land, which only an await can wait for.
-        await cache.ensure_device_room(-(-(len(self.key) - length) // cache.page_size))
-        for tier, tokens in by_tier.items():
-            cache.counters.hit_tokens[tier] += tokens
-            cache.counters.hit_pages[tier] += tokens // cache.page_size
-        self._hit = Hit(length, loaded.device_indices[:length], by_tier)
-        return self._hit
+        room = -(-(self._n_tokens - length) // cache.page_size)
+        if room and room > cache.device_allocator.available:
+            await cache.ensure_device_room(room)
+        # Tokens by the tier they were found in: the device part, then pages L2 held, then
+        # the pages the prefetch brought from L3 (the match's tail).
+        counters = cache.counters
+        if device_tokens >= length:  # the common case: L1 held it all
+            by_tier = {_DEVICE: length, _HOST: 0, _STORAGE: 0}
+            counters.hit_tokens[_DEVICE] += length
+            counters.hit_pages[_DEVICE] += length // cache.page_size
+        else:
+            from_host = loaded_tokens - min(self._storage_tokens, loaded_tokens)
+            used_host = min(from_host, length - device_tokens)
+            by_tier = {
+                _DEVICE: device_tokens,
+                _HOST: used_host,
+                _STORAGE: length - device_tokens - used_host,
+            }
+            counters.add_hits(by_tier, cache.page_size)
+        self._hit = hit = Hit(length, indices, by_tier)
+        return hit
 
     def allocate(self, n_tokens: int) -> torch.Tensor:
         """Device token slots for ``n_tokens`` new tokens (whole pages are reserved), on the
         L1 pool's device."""
-        self._expect(SessionState.MATCHED)
+        if self.state is not SessionState.MATCHED:
+            self._expect(SessionState.MATCHED)
         if n_tokens < 0:
             raise LayoutError(f"cannot allocate {n_tokens} tokens")
-        size = self._cache.page_size
-        pages = -(-n_tokens // size)
-        slots = self._cache.device_tier.reserve(pages)
+        cache = self._cache
+        pages = -(-n_tokens // cache.page_size)
+        slots = cache.device_tier.reserve(pages)
         if slots is None:
             raise CapacityError(
                 f"L1 has no room for {pages} pages even after eviction; fewer concurrent "
                 f"requests or more device_pages"
             )
         self._allocated = slots if self._allocated is None else torch.cat([self._allocated, slots])
-        return slots[:n_tokens].to(self._cache.device_pool.device)  # where the model indexes
+        if n_tokens < slots.numel():
+            slots = slots[:n_tokens]
+        # Where the model indexes (a no-op on CPU).
+        self._handed = handed = slots.to(cache.device_pool.device)
+        return handed
 
     async def commit(self, new_slots: torch.Tensor) -> int:
         """Insert the prompt's KV (the hit, then ``new_slots``) into the tree; returns how many
         tokens were cached by another request meanwhile (their duplicate slots are freed)."""
-        self._expect(SessionState.MATCHED)
+        if self.state is not SessionState.MATCHED:
+            self._expect(SessionState.MATCHED)
         hit = self._hit or await self.load()
         cache = self._cache
         size = cache.page_size
-        slots = torch.cat([hit.device_indices, new_slots.to(hit.device_indices.device)])
-        if slots.numel() > len(self.key):
-            raise LayoutError(f"{slots.numel()} slots for a prompt of {len(self.key)} tokens")
-        aligned = slots.numel() // size * size
+        hit_indices = hit.device_indices
+        new = new_slots.to(hit_indices.device)  # a no-op on the same device
+        fresh = bool(hit.length)  # a concatenation is ours alone: the tree may keep views of it
+        slots = torch.cat([hit_indices, new]) if fresh else new
+        n = slots.numel()
+        if n > self._n_tokens:
+            raise LayoutError(f"{n} slots for a prompt of {self._n_tokens} tokens")
+        aligned = n // size * size
         duplicates = 0
         if aligned > hit.length:
-            key = RadixKey(self.key.data[: aligned * cache.token_bytes], self.key.extra_key)
-            present = cache.tree.insert(key, slots[:aligned], self.priority)
+            key = self.key
+            if aligned < self._n_tokens:
+                key = RadixKey(key.data[: aligned * cache.token_bytes], key.extra_key)
+            if aligned < n:
+                slots = slots[:aligned]
+            present = cache.tree.insert(key, slots, self.priority, copy=not fresh)
             self._give_to_tree(new_slots, hit.length, present, aligned)
             duplicates = max(0, min(present, aligned) - hit.length)
             cache.after_insert(key, aligned - present)
@@ -225,14 +277,18 @@ class Session:
         allocated = self._allocated
         if allocated is None:
             return
+        size = self._cache.page_size
+        if new is self._handed and present <= start and end - start == allocated.numel():
+            # The usual case: one allocate() for the whole rest, all of it now in the tree.
+            self._allocated = self._handed = None
+            return
         owned = new[max(0, present - start) : max(0, end - start)]
         if owned.numel():
             # A few pages: a set is far cheaper than torch.isin on small tensors.
-            size = self._cache.page_size
             taken = set(owned[::size].tolist())
             pages = allocated[::size].tolist()
             kept = [i for i, first in enumerate(pages) if first not in taken]
-            if not kept:  # the usual case: the tree took every page
+            if not kept:  # the tree took every page
                 self._allocated = None
                 return
             if len(kept) == len(pages):
@@ -249,25 +305,40 @@ class Session:
         return self.match.device_hit_length + self.match.host_hit_length
 
     def _rematch(self) -> None:
-        tree = self._cache.tree
+        """Match the key and lock what matched: the device path, and the host path when part
+        of the hit is on host only (a device lock already keeps the host copies of its path:
+        L2 evicts host-only nodes alone)."""
+        cache = self._cache
+        tree = cache.tree
         match = tree.match_prefix(self.key)
-        self._cache._after_match(match)
-        tree.lock(match.last_device_node)
-        tree.lock_host(match.last_host_node)
+        if cache.backs_up_on_hit:
+            cache._after_match(match)
+        last_device, last_host = match.last_device_node, match.last_host_node
+        tree.lock(last_device)
+        if last_host is not last_device:
+            tree.lock_host(last_host)
+        else:
+            last_host = None
         self._unlock()
         self._match = match
-        self._device_node, self._host_node = match.last_device_node, match.last_host_node
+        self._device_node = last_device
+        self._host_node = last_host
 
     def _release_device_lock(self) -> None:
-        if self._device_node is not None:
-            self._cache.tree.unlock(self._device_node)
+        node = self._device_node
+        if node is not None:
             self._device_node = None
+            self._cache.tree.unlock(node)
 
     def _unlock(self) -> None:
-        self._release_device_lock()
-        if self._host_node is not None:
-            self._cache.tree.unlock_host(self._host_node)
+        node = self._device_node
+        if node is not None:
+            self._device_node = None
+            self._cache.tree.unlock(node)
+        node = self._host_node
+        if node is not None:
             self._host_node = None
+            self._cache.tree.unlock_host(node)
 
     def _expect(self, state: SessionState) -> None:
         if self.state is not state:
