@@ -315,14 +315,13 @@ class Session:
             cache._after_match(match)
         last_device, last_host = match.last_device_node, match.last_host_node
         tree.lock(last_device)
-        if last_host is not last_device:
+        host_part = last_host is not last_device
+        if host_part:
             tree.lock_host(last_host)
-        else:
-            last_host = None
         self._unlock()
         self._match = match
         self._device_node = last_device
-        self._host_node = last_host
+        self._host_node = last_host if host_part else None
 
     def _release_device_lock(self) -> None:
         node = self._device_node
