@@ -80,6 +80,9 @@ class CacheState(enum.Enum):
     CLOSED = "closed"  # tasks stopped, backend closed; every call raises ClosedError
 
 
+_OPEN = CacheState.OPEN  # checked on every request: a module constant is the cheap lookup
+
+
 class HiCache:
     """A hierarchical KV cache on the caller's event loop. Open it with :meth:`open`."""
 
@@ -109,9 +112,13 @@ class HiCache:
             self.host_tier = HostTier(self.tree, self.host_pool, self.hub)
         self.l1 = build_l1(config, device, self.host_pool)
         self.device_pool = self.l1.pool
+        # Read on every request, so kept as plain attributes: the allocator pages come from is
+        # on the CPU, so slots move only when L1 is elsewhere; write_through_selective counts
+        # hits on every match, write_through backs up on every insert.
         self.device_allocator = self.l1.allocator
-        # write_through_selective counts hits on every match (the others need no hook there).
+        self.slots_move = self.device_pool.device.type != "cpu"
         self.backs_up_on_hit = config.write_policy is WritePolicy.WRITE_THROUGH_SELECTIVE
+        self.backs_up_on_insert = config.write_policy is WritePolicy.WRITE_THROUGH
         self.device_tier = DeviceTier(
             self.tree,
             self.l1.allocator,
@@ -278,7 +285,7 @@ class HiCache:
             self.hub.emit([BlockRemoved(tuple(keys), self.write_back.medium)])
 
     def _check_open(self) -> None:
-        if self.state is not CacheState.OPEN:
+        if self.state is not _OPEN:
             raise ClosedError(f"the cache is {self.state.value}; open it with HiCache.open()")
 
     @property
@@ -301,7 +308,7 @@ class HiCache:
         priority: int = 0,
     ) -> Session:
         """A request's session: ``async with cache.session(tokens) as s: ...``."""
-        if self.state is not CacheState.OPEN:
+        if self.state is not _OPEN:
             self._check_open()
         return Session(self, RadixKey(tokens, extra_key), priority)
 
@@ -368,8 +375,8 @@ class HiCache:
         """Call after ``tree.insert(key, ...)`` put ``new_tokens`` new tokens on L1 (the
         insert's length minus what it returned): emits their ``BlockStored(GPU)`` and, under
         ``write_through``, schedules their backup. Sessions do this themselves."""
-        write_through = self.config.write_policy is WritePolicy.WRITE_THROUGH
-        if new_tokens <= 0 or not (write_through or self.hub.active):
+        write_through = self.backs_up_on_insert
+        if new_tokens <= 0 or not (write_through or self.hub._subscribers):
             return  # nothing to announce, nothing to back up
         last = self.tree.match_prefix(key).last_device_node
         if self.hub.active:

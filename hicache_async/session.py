@@ -16,9 +16,9 @@ commit; cancelling the request at any await rolls back the transition in flight.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from collections.abc import Mapping
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, NamedTuple, Self
 
 import anyio
 import torch
@@ -26,7 +26,7 @@ import torch
 from hicache_async.config import PrefetchPolicy
 from hicache_async.errors import CapacityError, HiCacheError, LayoutError
 from hicache_async.metrics import Tier
-from hicache_async.radix import MatchResult, RadixKey, TreeNode
+from hicache_async.radix import TOKEN_BYTES, MatchResult, RadixKey, TreeNode
 from hicache_async.tiers.prefetch import PrefetchControl, PrefetchOutcome, PrefetchResult
 
 if TYPE_CHECKING:
@@ -46,13 +46,18 @@ class SessionState(enum.Enum):
     CLOSED = "closed"  # left: locks released, uncommitted slots freed
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """The cached prefix a request can skip computing."""
+# Module constants: an enum member looked up on its class costs as much as a dict update.
+_NEW, _MATCHED = SessionState.NEW, SessionState.MATCHED
+_COMMITTED, _CLOSED = SessionState.COMMITTED, SessionState.CLOSED
+
+
+class Hit(NamedTuple):
+    """The cached prefix a request can skip computing (immutable; a named tuple because one
+    is built per request, at a third of a frozen dataclass's cost)."""
 
     length: int  # tokens
     device_indices: torch.Tensor  # int64 token slots in ``cache.device_pool``, one per token
-    tokens_by_tier: dict[Tier, int] = field(default_factory=dict)  # where they came from
+    tokens_by_tier: Mapping[Tier, int] = MappingProxyType({})  # where they came from
 
 
 class Session:
@@ -72,7 +77,6 @@ class Session:
         "_hit",
         "_host_node",
         "_match",
-        "_n_tokens",
         "_prefetch",
         "_storage_tokens",
         "key",
@@ -83,9 +87,8 @@ class Session:
     def __init__(self, cache: HiCache, key: RadixKey, priority: int = 0) -> None:
         self._cache = cache
         self.key = key
-        self._n_tokens = len(key)
         self.priority = priority
-        self.state = SessionState.NEW
+        self.state = _NEW
         self._match: MatchResult | None = None
         self._device_node: TreeNode | None = None  # device-locked by this session
         self._host_node: TreeNode | None = None  # host-locked by this session (a host hit)
@@ -100,9 +103,20 @@ class Session:
     async def __aenter__(self) -> Self:
         cache = self._cache
         cache._check_open()
-        self._rematch()
+        if self.state is not _NEW:
+            raise HiCacheError(f"a session is entered once; this one is {self.state.value}")
+        tree = cache.tree
+        self._match = match = tree.match_prefix(self.key)
+        if cache.backs_up_on_hit:
+            cache._after_match(match)
+        last_device, last_host = match.last_device_node, match.last_host_node
+        tree.lock(last_device)
+        self._device_node = last_device
+        if last_host is not last_device:  # see _rematch
+            tree.lock_host(last_host)
+            self._host_node = last_host
         cache.counters.requests += 1
-        self.state = SessionState.MATCHED
+        self.state = _MATCHED
         return self
 
     async def __aexit__(
@@ -115,7 +129,7 @@ class Session:
 
     def close(self) -> None:
         """Release everything the session holds (idempotent; sync, so it cannot be cut)."""
-        if self.state is SessionState.CLOSED:
+        if self.state is _CLOSED:
             return
         if self._prefetch is not None:
             self._prefetch.control.terminate()
@@ -123,7 +137,7 @@ class Session:
         if self._allocated is not None:
             self._cache.device_tier.free(self._allocated)
             self._allocated = None
-        self.state = SessionState.CLOSED
+        self.state = _CLOSED
 
     # -- the steps ------------------------------------------------------------------------
 
@@ -140,7 +154,7 @@ class Session:
         arrived); ``wait_complete`` waits for every page; ``timeout`` waits up to the linear
         deadline and keeps what arrived.
         """
-        self._expect(SessionState.MATCHED)
+        self._expect(_MATCHED)
         cache = self._cache
         if cache.prefetcher is None or self._prefetch is not None:
             return PrefetchResult(PrefetchOutcome.SKIPPED)
@@ -164,8 +178,8 @@ class Session:
 
         A prefix L1 already holds completes without suspending (no copy to wait for).
         """
-        if self.state is not SessionState.MATCHED:
-            self._expect(SessionState.MATCHED)
+        if self.state is not _MATCHED:
+            self._expect(_MATCHED)
         if self._hit is not None:
             return self._hit
         if self._prefetch is not None:
@@ -194,7 +208,7 @@ class Session:
             indices = indices[:length]
         # Make sure allocate() can place the rest of the prompt: pages pinned by backups in
         # flight free up when their copies land, which only an await can wait for.
-        room = -(-(self._n_tokens - length) // cache.page_size)
+        room = -(-(len(self.key.data) // TOKEN_BYTES - length) // cache.page_size)
         if room and room > cache.device_allocator.available:
             await cache.ensure_device_room(room)
         # Tokens by the tier they were found in: the device part, then pages L2 held, then
@@ -219,8 +233,8 @@ class Session:
     def allocate(self, n_tokens: int) -> torch.Tensor:
         """Device token slots for ``n_tokens`` new tokens (whole pages are reserved), on the
         L1 pool's device."""
-        if self.state is not SessionState.MATCHED:
-            self._expect(SessionState.MATCHED)
+        if self.state is not _MATCHED:
+            self._expect(_MATCHED)
         if n_tokens < 0:
             raise LayoutError(f"cannot allocate {n_tokens} tokens")
         cache = self._cache
@@ -234,38 +248,43 @@ class Session:
         self._allocated = slots if self._allocated is None else torch.cat([self._allocated, slots])
         if n_tokens < slots.numel():
             slots = slots[:n_tokens]
-        # Where the model indexes (a no-op on CPU).
-        self._handed = handed = slots.to(cache.device_pool.device)
-        return handed
+        if cache.slots_move:  # where the model indexes
+            slots = slots.to(cache.device_pool.device)
+        self._handed = slots
+        return slots
 
     async def commit(self, new_slots: torch.Tensor) -> int:
         """Insert the prompt's KV (the hit, then ``new_slots``) into the tree; returns how many
         tokens were cached by another request meanwhile (their duplicate slots are freed)."""
-        if self.state is not SessionState.MATCHED:
-            self._expect(SessionState.MATCHED)
+        if self.state is not _MATCHED:
+            self._expect(_MATCHED)
         hit = self._hit or await self.load()
         cache = self._cache
         size = cache.page_size
         hit_indices = hit.device_indices
-        new = new_slots.to(hit_indices.device)  # a no-op on the same device
+        new = new_slots  # what allocate() handed out is on the tree's device already
+        if new_slots is not self._handed:
+            new = new_slots.to(hit_indices.device)
         fresh = bool(hit.length)  # a concatenation is ours alone: the tree may keep views of it
         slots = torch.cat([hit_indices, new]) if fresh else new
         n = slots.numel()
-        if n > self._n_tokens:
-            raise LayoutError(f"{n} slots for a prompt of {self._n_tokens} tokens")
+        n_tokens = len(self.key.data) // TOKEN_BYTES
+        if n > n_tokens:
+            raise LayoutError(f"{n} slots for a prompt of {n_tokens} tokens")
         aligned = n // size * size
         duplicates = 0
         if aligned > hit.length:
             key = self.key
-            if aligned < self._n_tokens:
+            if aligned < n_tokens:
                 key = RadixKey(key.data[: aligned * cache.token_bytes], key.extra_key)
             if aligned < n:
                 slots = slots[:aligned]
             present = cache.tree.insert(key, slots, self.priority, copy=not fresh)
             self._give_to_tree(new_slots, hit.length, present, aligned)
-            duplicates = max(0, min(present, aligned) - hit.length)
+            if present > hit.length:  # another request cached these tokens meanwhile
+                duplicates = (present if present < aligned else aligned) - hit.length
             cache.after_insert(key, aligned - present)
-        self.state = SessionState.COMMITTED
+        self.state = _COMMITTED
         return duplicates
 
     # -- helpers --------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class PagedAllocator:
         self.first_page = first_page
         self.debug = debug
         self._free = torch.arange(first_page, capacity, dtype=torch.int64)
+        self._free_count = self._free.numel()  # an int: ``available`` is read on every request
         self._pending: list[torch.Tensor] = []
         self._pending_count = 0
         # Owners per page: 0 free, 1 allocated; above 1 only through share() in debug mode.
@@ -47,7 +48,7 @@ class PagedAllocator:
     @property
     def available(self) -> int:
         """Pages free right now (including frees not yet merged)."""
-        return self._free.numel() + self._pending_count
+        return self._free_count + self._pending_count
 
     @property
     def used(self) -> int:
@@ -58,12 +59,13 @@ class PagedAllocator:
         """``n_pages`` page indices (int64), or ``None`` when fewer are free."""
         if n_pages < 0:
             raise ValueError(f"cannot allocate {n_pages} pages")
-        if n_pages > self._free.numel():
-            if n_pages > self.available:
+        if n_pages > self._free_count:
+            if n_pages > self._free_count + self._pending_count:
                 return None
             self._merge_pending()
         pages = self._free[:n_pages]
         self._free = self._free[n_pages:]
+        self._free_count -= n_pages
         self._owners[pages] = 1
         return pages
 
@@ -105,6 +107,7 @@ class PagedAllocator:
     def clear(self) -> None:
         """Free every page (the pool's contents become garbage)."""
         self._free = torch.arange(self.first_page, self.capacity, dtype=torch.int64)
+        self._free_count = self._free.numel()
         self._pending.clear()
         self._pending_count = 0
         self._owners.zero_()
@@ -112,6 +115,7 @@ class PagedAllocator:
     def _merge_pending(self) -> None:
         if self._pending:
             self._free = torch.cat([self._free, *self._pending])
+            self._free_count = self._free.numel()
             self._pending.clear()
             self._pending_count = 0
 
