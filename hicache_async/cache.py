@@ -453,15 +453,9 @@ class HiCache:
                 capacity=int(self._backups[1].statistics().max_buffer_size),
             )
         }
-        storage = StorageStats()
         if self.write_back is not None:
             queues["write_back"] = QueueStats(
                 depth=self.write_back.depth, capacity=self.write_back.capacity
-            )
-        if self.storage is not None:
-            errors = self.storage.stats.errors
-            storage = StorageStats(
-                errors=self.storage.stats.error_count, corrupt_pages=errors.get("corrupt", 0)
             )
         snapshot = CacheStats.from_counters(
             self.counters,
@@ -469,6 +463,14 @@ class HiCache:
             queues=queues,
             events_published=self.hub.published,
             events_dropped=self.hub.dropped,
+        )
+        if self.storage is None:
+            return snapshot
+        # The runtime's own faults (write-backs past their deadline) plus the backend's.
+        backend = self.storage.stats
+        storage = StorageStats(
+            errors=snapshot.storage.errors + backend.error_count,
+            corrupt_pages=snapshot.storage.corrupt_pages + backend.errors.get("corrupt", 0),
         )
         return snapshot.model_copy(update={"storage": storage})
 
