@@ -34,9 +34,11 @@ class PagedAllocator:
         self.first_page = first_page
         self.debug = debug
         self._free = torch.arange(first_page, capacity, dtype=torch.int64)
-        self._free_count = self._free.numel()  # an int: ``available`` is read on every request
+        self._free_count = self._free.numel()  # pages in ``_free`` (not counting pending)
         self._pending: list[torch.Tensor] = []
-        self._pending_count = 0
+        # Pages free right now, frees not yet merged included: a plain attribute, because
+        # every request reads it.
+        self.available = self._free_count
         # Owners per page: 0 free, 1 allocated; above 1 only through share() in debug mode.
         self._owners = torch.zeros(capacity, dtype=torch.int32)
 
@@ -44,11 +46,6 @@ class PagedAllocator:
     def usable(self) -> int:
         """Pages this allocator can hand out at all."""
         return self.capacity - self.first_page
-
-    @property
-    def available(self) -> int:
-        """Pages free right now (including frees not yet merged)."""
-        return self._free_count + self._pending_count
 
     @property
     def used(self) -> int:
@@ -60,12 +57,13 @@ class PagedAllocator:
         if n_pages < 0:
             raise ValueError(f"cannot allocate {n_pages} pages")
         if n_pages > self._free_count:
-            if n_pages > self._free_count + self._pending_count:
+            if n_pages > self.available:
                 return None
             self._merge_pending()
         pages = self._free[:n_pages]
         self._free = self._free[n_pages:]
         self._free_count -= n_pages
+        self.available -= n_pages
         self._owners[pages] = 1
         return pages
 
@@ -85,7 +83,7 @@ class PagedAllocator:
         released = pages[owners == 1] if self.debug else pages
         if released.numel():
             self._pending.append(released.clone())
-            self._pending_count += released.numel()
+            self.available += released.numel()
 
     def share(self, pages: torch.Tensor) -> None:
         """Debug mode: add an owner to allocated ``pages`` (each owner frees once)."""
@@ -107,9 +105,8 @@ class PagedAllocator:
     def clear(self) -> None:
         """Free every page (the pool's contents become garbage)."""
         self._free = torch.arange(self.first_page, self.capacity, dtype=torch.int64)
-        self._free_count = self._free.numel()
+        self._free_count = self.available = self._free.numel()
         self._pending.clear()
-        self._pending_count = 0
         self._owners.zero_()
 
     def _merge_pending(self) -> None:
@@ -117,7 +114,6 @@ class PagedAllocator:
             self._free = torch.cat([self._free, *self._pending])
             self._free_count = self._free.numel()
             self._pending.clear()
-            self._pending_count = 0
 
     def _check(self, pages: torch.Tensor) -> torch.Tensor:
         if not isinstance(pages, torch.Tensor) or pages.dtype != torch.int64 or pages.dim() != 1:
