@@ -25,6 +25,7 @@ import torch
 
 from hicache_async.config import PrefetchPolicy
 from hicache_async.errors import CapacityError, HiCacheError, LayoutError
+from hicache_async.memory.slots import pages_to_slots
 from hicache_async.metrics import Tier
 from hicache_async.radix import TOKEN_BYTES, MatchResult, RadixKey, TreeNode
 from hicache_async.tiers.prefetch import PrefetchControl, PrefetchOutcome, PrefetchResult
@@ -74,6 +75,7 @@ class Session:
         "_cache",
         "_device_node",
         "_handed",
+        "_handed_pages",
         "_hit",
         "_host_node",
         "_match",
@@ -92,8 +94,9 @@ class Session:
         self._match: MatchResult | None = None
         self._device_node: TreeNode | None = None  # device-locked by this session
         self._host_node: TreeNode | None = None  # host-locked by this session (a host hit)
-        self._allocated: torch.Tensor | None = None  # device slots not yet committed
-        self._handed: torch.Tensor | None = None  # what the last allocate() returned
+        self._allocated: torch.Tensor | None = None  # L1 pages reserved, not yet committed
+        self._handed: torch.Tensor | None = None  # the slots the last allocate() returned
+        self._handed_pages: torch.Tensor | None = None  # and its pages
         self._prefetch: _BackgroundPrefetch | None = None
         self._storage_tokens = 0
         self._hit: Hit | None = None
@@ -135,7 +138,7 @@ class Session:
             self._prefetch.control.terminate()
         self._unlock()
         if self._allocated is not None:
-            self._cache.device_tier.free(self._allocated)
+            self._cache.device_tier.free_pages(self._allocated)
             self._allocated = None
         self.state = _CLOSED
 
@@ -238,19 +241,21 @@ class Session:
         if n_tokens < 0:
             raise LayoutError(f"cannot allocate {n_tokens} tokens")
         cache = self._cache
-        pages = -(-n_tokens // cache.page_size)
-        slots = cache.device_tier.reserve(pages)
-        if slots is None:
+        size = cache.page_size
+        n_pages = -(-n_tokens // size)
+        pages = cache.device_tier.reserve_pages(n_pages)
+        if pages is None:
             raise CapacityError(
-                f"L1 has no room for {pages} pages even after eviction; fewer concurrent "
+                f"L1 has no room for {n_pages} pages even after eviction; fewer concurrent "
                 f"requests or more device_pages"
             )
-        self._allocated = slots if self._allocated is None else torch.cat([self._allocated, slots])
+        self._allocated = pages if self._allocated is None else torch.cat([self._allocated, pages])
+        slots = pages_to_slots(pages, size)
         if n_tokens < slots.numel():
             slots = slots[:n_tokens]
         if cache.slots_move:  # where the model indexes
             slots = slots.to(cache.device_pool.device)
-        self._handed = slots
+        self._handed, self._handed_pages = slots, pages
         return slots
 
     async def commit(self, new_slots: torch.Tensor) -> int:
@@ -297,23 +302,21 @@ class Session:
         if allocated is None:
             return
         size = self._cache.page_size
-        if new is self._handed and present <= start and end - start == allocated.numel():
-            # The usual case: one allocate() for the whole rest, all of it now in the tree.
-            self._allocated = self._handed = None
+        if new is self._handed and allocated is self._handed_pages and present <= start:
+            # The usual case: one allocate() for the rest of the prompt, its leading pages now
+            # in the tree; what is left is the partial last page, if any.
+            taken = (end - start) // size
+            self._allocated = allocated[taken:] if taken < allocated.numel() else None
             return
         owned = new[max(0, present - start) : max(0, end - start)]
         if owned.numel():
             # A few pages: a set is far cheaper than torch.isin on small tensors.
-            taken = set(owned[::size].tolist())
-            pages = allocated[::size].tolist()
-            kept = [i for i, first in enumerate(pages) if first not in taken]
+            taken_pages = set((owned[::size] // size).tolist())
+            kept = [i for i, page in enumerate(allocated.tolist()) if page not in taken_pages]
             if not kept:  # the tree took every page
                 self._allocated = None
-                return
-            if len(kept) == len(pages):
-                return
-            index = torch.tensor(kept, dtype=torch.int64)
-            self._allocated = allocated.view(-1, size)[index].reshape(-1)
+            elif len(kept) < allocated.numel():
+                self._allocated = allocated[torch.tensor(kept, dtype=torch.int64)]
 
     def _after_prefetch(self, result: PrefetchResult) -> None:
         if result.arrived_pages:
