@@ -351,7 +351,6 @@ class HiCache:
             short = pages - allocator.available
             if short <= 0:
                 return True
-            short = max(short, self.device_tier.evict_batch)  # see PagedTier.evict_batch
             if self.config.write_policy is WritePolicy.WRITE_BACK:
                 await self._back_up_victims(short)
             self.device_tier.evict(short)

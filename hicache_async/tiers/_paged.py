@@ -24,10 +24,6 @@ class PagedTier(abc.ABC):
         self.allocator = allocator
         self.page_size = page_size
         self.evicted_pages = 0
-        # An eviction costs tens of microseconds whatever it frees (walking the policy heap,
-        # one free of the pages, events): when short, free at least this many pages, so one
-        # pass serves many requests instead of running on every one (1/64 of the tier).
-        self.evict_batch = max(1, allocator.usable // 64)
 
     def reserve(self, n_pages: int) -> torch.Tensor | None:
         """Token slots of ``n_pages`` pages, evicting as needed; None if impossible."""
@@ -38,7 +34,7 @@ class PagedTier(abc.ABC):
         """``n_pages`` page indices, evicting as needed; None if impossible."""
         short = n_pages - self.allocator.available
         if short > 0:
-            self.evict(max(short, self.evict_batch))
+            self.evict(short)
         return self.allocator.alloc(n_pages)
 
     def free(self, slots: torch.Tensor) -> None:
