@@ -115,10 +115,10 @@ class HiCache:
         # Read on every request, so kept as plain attributes: the allocator pages come from is
         # on the CPU, so slots move only when L1 is elsewhere; write_through_selective counts
         # hits on every match, write_through backs up on every insert.
-        self.device_allocator = self.l1.allocator
-        self.slots_move = self.device_pool.device.type != "cpu"
-        self.backs_up_on_hit = config.write_policy is WritePolicy.WRITE_THROUGH_SELECTIVE
-        self.backs_up_on_insert = config.write_policy is WritePolicy.WRITE_THROUGH
+        self._device_allocator = self.l1.allocator
+        self._slots_move = self.device_pool.device.type != "cpu"
+        self._backs_up_on_hit = config.write_policy is WritePolicy.WRITE_THROUGH_SELECTIVE
+        self._backs_up_on_insert = config.write_policy is WritePolicy.WRITE_THROUGH
         self.device_tier = DeviceTier(
             self.tree,
             self.l1.allocator,
@@ -375,8 +375,8 @@ class HiCache:
         """Call after ``tree.insert(key, ...)`` put ``new_tokens`` new tokens on L1 (the
         insert's length minus what it returned): emits their ``BlockStored(GPU)`` and, under
         ``write_through``, schedules their backup. Sessions do this themselves."""
-        write_through = self.backs_up_on_insert
-        if new_tokens <= 0 or not (write_through or self.hub._subscribers):
+        write_through = self._backs_up_on_insert
+        if new_tokens <= 0 or not (write_through or self.hub.active):
             return  # nothing to announce, nothing to back up
         last = self.tree.match_prefix(key).last_device_node
         if self.hub.active:
@@ -387,7 +387,7 @@ class HiCache:
 
     def _after_match(self, match: MatchResult) -> None:
         """``write_through_selective``: back up a prefix once it has been hit twice."""
-        if self.backs_up_on_hit:
+        if self._backs_up_on_hit:
             self._schedule_backups(match.last_device_node, hits=2)
 
     def _schedule_backups(self, last: TreeNode, *, hits: int) -> None:

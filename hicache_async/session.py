@@ -110,7 +110,7 @@ class Session:
             raise HiCacheError(f"a session is entered once; this one is {self.state.value}")
         tree = cache.tree
         self._match = match = tree.match_prefix(self.key)
-        if cache.backs_up_on_hit:
+        if cache._backs_up_on_hit:
             cache._after_match(match)
         last_device, last_host = match.last_device_node, match.last_host_node
         tree.lock(last_device)
@@ -212,7 +212,7 @@ class Session:
         # Make sure allocate() can place the rest of the prompt: pages pinned by backups in
         # flight free up when their copies land, which only an await can wait for.
         room = -(-(len(self.key.data) // TOKEN_BYTES - length) // cache.page_size)
-        if room and room > cache.device_allocator.available:
+        if room and room > cache._device_allocator.available:
             await cache.ensure_device_room(room)
         # Tokens by the tier they were found in: the device part, then pages L2 held, then
         # the pages the prefetch brought from L3 (the match's tail).
@@ -253,7 +253,7 @@ class Session:
         slots = pages_to_slots(pages, size)
         if n_tokens < slots.numel():
             slots = slots[:n_tokens]
-        if cache.slots_move:  # where the model indexes
+        if cache._slots_move:  # where the model indexes
             slots = slots.to(cache.device_pool.device)
         self._handed, self._handed_pages = slots, pages
         return slots
@@ -333,7 +333,7 @@ class Session:
         cache = self._cache
         tree = cache.tree
         match = tree.match_prefix(self.key)
-        if cache.backs_up_on_hit:
+        if cache._backs_up_on_hit:
             cache._after_match(match)
         last_device, last_host = match.last_device_node, match.last_host_node
         tree.lock(last_device)
