@@ -1,19 +1,28 @@
 """Requests/s and event-loop lag of the runtime, and its overhead over the bare tree and pools.
 
-Three measurements in one process:
+Measurements in one process:
 
-* ``mixed``: concurrent sessions (match, load, allocate, commit) over prompts with shared
-  prefixes and unique tails, L1 + L2, while a ticker task measures its own lateness;
-* ``hit_runtime``: the hit path through sessions (every prompt fully cached in L1);
-* ``hit_direct``: the same hit path calling the tree directly (key, match, lock, unlock), the
-  least any runtime must do. ``overhead`` = runtime / direct - 1 (target < 15%).
+* ``mixed`` (closed loop): ``--concurrency`` sessions (match, load, allocate, commit) always
+  runnable, over prompts with shared prefixes and unique tails, L1 + L2, while a ticker task
+  measures its own lateness. This is the maximum throughput; the loop is saturated by design.
+* ``open_loop``: the same requests arriving as a Poisson process at ``--load`` x the closed
+  loop's throughput (or ``--rate`` requests/s), each started when it arrives whatever is in
+  flight; loop lag and request latency (from arrival) at a sustainable rate. ``idle_loop_lag_ms``
+  is the ticker alone, the timer's own resolution.
+* ``hit_path``: a full L1 hit through sessions, by hand (:func:`bare_hit`: key, match, lock,
+  unlock; ``overhead`` = runtime / by hand - 1, target < 15%), and through the smallest
+  session of the same shape (``api_floor``: ``async with`` + ``await load()`` + a ``Hit``,
+  nothing else), what the API's shape alone costs;
+* ``hit_and_tail``: a cached prefix plus one new page, through sessions and by hand
+  (:func:`bare_hit_and_tail`).
 
-    python benchmarks/bench_runtime.py [--requests 4000] [--concurrency 32] [--json]
+    python benchmarks/bench_runtime.py [--requests 4000] [--concurrency 32] [--load 0.6] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -26,6 +35,9 @@ import torch
 
 from hicache_async import HiCache, HiCacheConfig, KVLayout
 from hicache_async.memory import pages_to_slots
+from hicache_async.metrics import Tier
+from hicache_async.radix import RadixKey
+from hicache_async.session import Hit
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", page_size=16)
 SMALL = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float16", page_size=16)
@@ -51,15 +63,48 @@ def config(device_pages: int, layout: KVLayout = LAYOUT) -> HiCacheConfig:
     )
 
 
-async def mixed(requests: list[torch.Tensor], concurrency: int) -> dict[str, Any]:
-    lateness: list[float] = []
+class LagTicker:
+    """Sleeps 1 ms again and again and records how late it wakes: the event loop's lag."""
 
-    async def ticker() -> None:
+    def __init__(self) -> None:
+        self.lateness: list[float] = []
+
+    async def run(self) -> None:
         while True:
             start = time.perf_counter()
             await anyio.sleep(0.001)
-            lateness.append(time.perf_counter() - start - 0.001)
+            self.lateness.append(time.perf_counter() - start - 0.001)
 
+    def percentiles_ms(self) -> dict[str, float]:
+        return percentiles_ms(self.lateness)
+
+
+def percentiles_ms(samples: list[float]) -> dict[str, float]:
+    """p50, p99 and max of ``samples`` (seconds), in ms."""
+    xs = sorted(samples)
+    return {
+        "p50": xs[len(xs) // 2] * 1e3,
+        "p99": xs[int(len(xs) * 0.99)] * 1e3,
+        "max": xs[-1] * 1e3,
+    }
+
+
+async def serve(cache: HiCache, tokens: torch.Tensor) -> None:
+    """One request: match, load, allocate, (the model), commit."""
+    async with cache.session(tokens) as s:
+        hit = await s.load()
+        new = s.allocate(tokens.numel() - hit.length)
+        await anyio.lowlevel.checkpoint()  # the model would run here
+        await s.commit(new)
+
+
+def hit_ratio(cache: HiCache, requests: list[torch.Tensor]) -> float:
+    stats = cache.stats()
+    return sum(t.hit_tokens for t in stats.tiers.values()) / sum(t.numel() for t in requests)
+
+
+async def mixed(requests: list[torch.Tensor], concurrency: int) -> dict[str, Any]:
+    ticker = LagTicker()
     async with HiCache.open(config(device_pages=4096)) as cache:
         send, receive = anyio.create_memory_object_stream[torch.Tensor](len(requests))
         for tokens in requests:
@@ -69,39 +114,162 @@ async def mixed(requests: list[torch.Tensor], concurrency: int) -> dict[str, Any
         async def worker(queue: Any) -> None:
             async with queue:
                 async for tokens in queue:
-                    async with cache.session(tokens) as s:
-                        hit = await s.load()
-                        new = s.allocate(tokens.numel() - hit.length)
-                        await anyio.lowlevel.checkpoint()  # the model would run here
-                        await s.commit(new)
+                    await serve(cache, tokens)
 
         start = time.perf_counter()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker)
+            tg.start_soon(ticker.run)
             async with anyio.create_task_group() as workers:
                 with receive:
                     for _ in range(concurrency):
                         workers.start_soon(worker, receive.clone())
             tg.cancel_scope.cancel()
         elapsed = time.perf_counter() - start
-        stats = cache.stats()
-    lateness.sort()
-    hit_tokens = sum(t.hit_tokens for t in stats.tiers.values())
+        ratio = hit_ratio(cache, requests)
     return {
         "requests": len(requests),
         "seconds": elapsed,
         "requests_per_s": len(requests) / elapsed,
-        "hit_ratio_tokens": hit_tokens / sum(t.numel() for t in requests),
-        "loop_lag_ms": {
-            "p50": lateness[len(lateness) // 2] * 1e3,
-            "p99": lateness[int(len(lateness) * 0.99)] * 1e3,
-            "max": lateness[-1] * 1e3,
-        },
+        "hit_ratio_tokens": ratio,
+        "loop_lag_ms": ticker.percentiles_ms(),
     }
 
 
+async def idle_lag(seconds: float = 1.0) -> dict[str, float]:
+    """The ticker on an otherwise idle loop: the floor of what it can report."""
+    ticker = LagTicker()
+    with anyio.move_on_after(seconds):
+        await ticker.run()
+    return ticker.percentiles_ms()
+
+
+async def open_loop(
+    requests: list[torch.Tensor], rate: float, concurrency: int, seed: int = 1
+) -> dict[str, Any]:
+    """Requests arrive as a Poisson process at ``rate`` per second, whatever is in flight; at
+    most ``concurrency`` are served at once (a server's batch), the others wait in arrival
+    order, and their latency counts from arrival."""
+    rng = random.Random(seed)
+    ticker = LagTicker()
+    latencies: list[float] = []
+    in_flight = max_in_flight = 0
+    batch = anyio.CapacityLimiter(concurrency)
+
+    async with HiCache.open(config(device_pages=4096)) as cache:
+
+        async def one(tokens: torch.Tensor, arrival: float) -> None:
+            nonlocal in_flight
+            try:
+                async with batch:
+                    await serve(cache, tokens)
+            finally:
+                in_flight -= 1
+                latencies.append(time.perf_counter() - arrival)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker.run)
+            async with anyio.create_task_group() as arrivals:
+                start = due = time.perf_counter()
+                pending = iter(requests)
+                tokens = next(pending, None)
+                while tokens is not None:
+                    now = time.perf_counter()
+                    if due > now:
+                        await anyio.sleep(due - now)
+                        continue
+                    while tokens is not None and due <= time.perf_counter():  # all that are due
+                        in_flight += 1
+                        max_in_flight = max(max_in_flight, in_flight)
+                        arrivals.start_soon(one, tokens, due)
+                        due += rng.expovariate(rate)
+                        tokens = next(pending, None)
+                    await anyio.lowlevel.checkpoint()
+            elapsed = time.perf_counter() - start
+            tg.cancel_scope.cancel()
+        ratio = hit_ratio(cache, requests)
+    return {
+        "requests": len(requests),
+        "arrival_rate_per_s": rate,
+        "seconds": elapsed,
+        "completed_per_s": len(requests) / elapsed,
+        "hit_ratio_tokens": ratio,
+        "max_in_flight": max_in_flight,  # arrived and not finished, waiting ones included
+        "latency_ms": percentiles_ms(latencies),
+        "loop_lag_ms": ticker.percentiles_ms(),
+    }
+
+
+def bare_hit(cache: HiCache, tokens: torch.Tensor) -> torch.Tensor:
+    """What a framework must do by hand for a safe hit: key, match, lock the matched path
+    while the model reads it (the host path too when part of the hit is host-only), unlock."""
+    tree = cache.tree
+    match = tree.match_prefix(RadixKey(tokens))
+    last_device, last_host = match.last_device_node, match.last_host_node
+    tree.lock(last_device)
+    host = last_host is not last_device
+    if host:
+        tree.lock_host(last_host)
+    try:
+        return match.device_indices  # the model would run here
+    finally:
+        if host:
+            tree.unlock_host(last_host)
+        tree.unlock(last_device)
+
+
+def bare_hit_and_tail(cache: HiCache, tokens: torch.Tensor) -> int:
+    """The same for a cached prefix plus new tokens: allocate whole pages for the rest, insert
+    the prompt, free the slots of pages another request inserted first, unlock."""
+    tree, allocator, ps = cache.tree, cache.l1.allocator, cache.page_size
+    key = RadixKey(tokens)
+    match = tree.match_prefix(key)
+    last_device, last_host = match.last_device_node, match.last_host_node
+    tree.lock(last_device)
+    host = last_host is not last_device
+    if host:
+        tree.lock_host(last_host)
+    try:
+        hit = match.device_indices.numel()
+        pages = allocator.alloc(-(-(len(key) - hit) // ps))
+        assert pages is not None
+        new = pages_to_slots(pages, ps)  # the model would write the new KV here
+        present = tree.insert(key, torch.cat([match.device_indices, new]), copy=False)
+        if present > hit:  # another request cached these pages first: free our copies
+            allocator.free(pages[: (present - hit) // ps])
+        return present
+    finally:
+        if host:
+            tree.unlock_host(last_host)
+        tree.unlock(last_device)
+
+
+class FloorSession:
+    """The smallest session of the API's shape: ``async with`` matches and locks, ``await
+    load()`` returns a ``Hit``, leaving unlocks. No checks, no counters, no room check, no
+    prefetch or load logic: what the shape alone costs over :func:`bare_hit`."""
+
+    __slots__ = ("cache", "key", "match")
+
+    def __init__(self, cache: HiCache, tokens: torch.Tensor) -> None:
+        self.cache, self.key = cache, RadixKey(tokens)
+
+    async def __aenter__(self) -> FloorSession:
+        self.match = self.cache.tree.match_prefix(self.key)
+        self.cache.tree.lock(self.match.last_device_node)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cache.tree.unlock(self.match.last_device_node)
+
+    async def load(self) -> Hit:
+        indices = self.match.device_indices
+        n = indices.numel()
+        return Hit(n, indices, {Tier.DEVICE: n, Tier.HOST: 0, Tier.STORAGE: 0})
+
+
 async def hit_path(requests: list[torch.Tensor], repeats: int) -> dict[str, Any]:
-    """Per-request time of a full L1 hit, through sessions and through the tree directly.
+    """Per-request time of a full L1 hit: through sessions, by hand (:func:`bare_hit`), and
+    through :class:`FloorSession`.
 
     L1 holds every prompt (a small layout keeps that cheap), so nothing is evicted or loaded:
     what is measured is the bookkeeping."""
@@ -112,30 +280,49 @@ async def hit_path(requests: list[torch.Tensor], repeats: int) -> dict[str, Any]
                 hit = await s.load()
                 await s.commit(s.allocate(tokens.numel() - hit.length))
         await cache.drain()
-        runtime, direct = [], []
-        for _ in range(repeats):  # interleaved, so both see the same machine state
+        runtime, direct, floor = [], [], []
+        for _ in range(repeats):  # interleaved, so all three see the same machine state
             start = time.perf_counter()
             for tokens in requests:
                 async with cache.session(tokens) as s:
                     await s.load()
             runtime.append((time.perf_counter() - start) / len(requests))
             start = time.perf_counter()
-            tree = cache.tree
             for tokens in requests:
-                match = tree.match_prefix(cache.key(tokens))  # a request brings its tokens
-                tree.lock(match.last_device_node)
-                tree.lock_host(match.last_host_node)
-                tree.unlock_host(match.last_host_node)
-                tree.unlock(match.last_device_node)
+                bare_hit(cache, tokens)
             direct.append((time.perf_counter() - start) / len(requests))
+            start = time.perf_counter()
+            for tokens in requests:
+                async with FloorSession(cache, tokens) as f:
+                    await f.load()
+            floor.append((time.perf_counter() - start) / len(requests))
+    return {
+        **compare(runtime, direct),
+        "api_floor_us": statistics.median(floor) * 1e6,
+        "api_floor_overhead": statistics.median(floor) / statistics.median(direct) - 1,
+        "api_floor_overhead_min": min(floor) / min(direct) - 1,
+    }
+
+
+def compare(runtime: list[float], direct: list[float]) -> dict[str, float]:
+    """Per-request times (us) and overhead, from the medians of the repeats and from their
+    minimums (the least disturbed repeat: others' jobs share this machine's cores)."""
     r, d = statistics.median(runtime), statistics.median(direct)
-    return {"runtime_us": r * 1e6, "direct_us": d * 1e6, "overhead": r / d - 1}
+    return {
+        "runtime_us": r * 1e6,
+        "direct_us": d * 1e6,
+        "overhead": r / d - 1,
+        "runtime_us_min": min(runtime) * 1e6,
+        "direct_us_min": min(direct) * 1e6,
+        "overhead_min": min(runtime) / min(direct) - 1,
+    }
 
 
 async def hit_and_tail(requests: list[torch.Tensor], repeats: int) -> dict[str, Any]:
     """A cached prompt plus one new page, the common request: through a session (match, load,
-    allocate, commit) and through the tree and the allocator directly (match, lock, alloc,
-    insert, unlock). No backups (write_back policy, nothing evicted), so both do the same work."""
+    allocate, commit) and by hand (:func:`bare_hit_and_tail`: match, lock, alloc, insert, free
+    duplicates, unlock). No backups (write_back policy, nothing evicted), so both do the same
+    work."""
     ps = SMALL.page_size
     pages = sum(t.numel() for t in requests) // ps + len(requests) * (2 * repeats + 2)
     cfg = config(device_pages=pages, layout=SMALL).model_copy(update={"write_policy": "write_back"})
@@ -152,7 +339,6 @@ async def hit_and_tail(requests: list[torch.Tensor], repeats: int) -> dict[str, 
                 hit = await s.load()
                 await s.commit(s.allocate(tokens.numel() - hit.length))
         runtime, direct = [], []
-        tree, allocator = cache.tree, cache.l1.allocator
         for _ in range(repeats):
             batch = [with_tail(t) for t in requests]
             start = time.perf_counter()
@@ -164,48 +350,65 @@ async def hit_and_tail(requests: list[torch.Tensor], repeats: int) -> dict[str, 
             batch = [with_tail(t) for t in requests]
             start = time.perf_counter()
             for tokens in batch:
-                key = cache.key(tokens)
-                match = tree.match_prefix(key)
-                tree.lock(match.last_device_node)
-                tree.lock_host(match.last_host_node)
-                new = pages_to_slots(allocator.alloc(1), ps)  # type: ignore[arg-type]
-                tree.insert(key, torch.cat([match.device_indices, new]))
-                tree.unlock_host(match.last_host_node)
-                tree.unlock(match.last_device_node)
+                bare_hit_and_tail(cache, tokens)
             direct.append((time.perf_counter() - start) / len(batch))
-    r, d = statistics.median(runtime), statistics.median(direct)
-    return {"runtime_us": r * 1e6, "direct_us": d * 1e6, "overhead": r / d - 1}
+    return compare(runtime, direct)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--load", type=float, default=0.6, help="open-loop arrival rate / closed-loop throughput"
+    )
+    parser.add_argument("--rate", type=float, help="open-loop arrivals per second (over --load)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     reqs = prompts(args.requests)
+
+    def run(phase: Any, *phase_args: Any) -> Any:
+        # A closed cache's pools (hundreds of MiB) are freed when the cyclic collector gets to
+        # them: collect now, not in the middle of the next phase's measurement.
+        gc.collect()
+        return anyio.run(phase, *phase_args)
+
+    closed = run(mixed, reqs, args.concurrency)
+    rate = args.rate or args.load * closed["requests_per_s"]
     result = {
-        "mixed": anyio.run(mixed, reqs, args.concurrency),
-        "hit_path": anyio.run(hit_path, reqs[:500], args.repeats),
-        "hit_and_tail": anyio.run(hit_and_tail, reqs[:500], args.repeats),
+        "mixed": closed,
+        "open_loop": {
+            **run(open_loop, reqs, rate, args.concurrency),
+            "load": rate / closed["requests_per_s"],
+            "idle_loop_lag_ms": run(idle_lag),
+        },
+        "hit_path": run(hit_path, reqs[:500], args.repeats),
+        "hit_and_tail": run(hit_and_tail, reqs[:500], args.repeats),
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    m, h, t = result["mixed"], result["hit_path"], result["hit_and_tail"]
+    m, o, h, t = (result[k] for k in ("mixed", "open_loop", "hit_path", "hit_and_tail"))
+    lag = "p50 {p50:.2f} ms p99 {p99:.2f} ms max {max:.2f} ms"
     print(
-        f"mixed: {m['requests_per_s']:.0f} requests/s, hit ratio {m['hit_ratio_tokens']:.2f}, "
-        f"loop lag p50 {m['loop_lag_ms']['p50']:.2f} ms p99 {m['loop_lag_ms']['p99']:.2f} ms"
+        f"closed loop: {m['requests_per_s']:.0f} requests/s, hit ratio "
+        f"{m['hit_ratio_tokens']:.2f}, loop lag {lag.format(**m['loop_lag_ms'])}"
     )
     print(
-        f"hit path: runtime {h['runtime_us']:.1f} us, direct {h['direct_us']:.1f} us, "
-        f"overhead {h['overhead']:.0%}"
+        f"open loop at {o['arrival_rate_per_s']:.0f} requests/s ({o['load']:.0%} of that): "
+        f"loop lag {lag.format(**o['loop_lag_ms'])}; latency {lag.format(**o['latency_ms'])}; "
+        f"idle loop lag {lag.format(**o['idle_loop_lag_ms'])}"
     )
     print(
-        f"hit + new page: runtime {t['runtime_us']:.1f} us, direct {t['direct_us']:.1f} us, "
-        f"overhead {t['overhead']:.0%}"
+        f"hit path: runtime {h['runtime_us']:.1f} us, by hand {h['direct_us']:.1f} us, "
+        f"overhead {h['overhead']:.0%} (min {h['overhead_min']:.0%}; API floor "
+        f"{h['api_floor_overhead']:.0%})"
+    )
+    print(
+        f"hit + new page: runtime {t['runtime_us']:.1f} us, by hand {t['direct_us']:.1f} us, "
+        f"overhead {t['overhead']:.0%} (min {t['overhead_min']:.0%})"
     )
 
 

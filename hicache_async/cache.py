@@ -80,6 +80,9 @@ class CacheState(enum.Enum):
     CLOSED = "closed"  # tasks stopped, backend closed; every call raises ClosedError
 
 
+_OPEN = CacheState.OPEN  # checked on every request: a module constant is the cheap lookup
+
+
 class HiCache:
     """A hierarchical KV cache on the caller's event loop. Open it with :meth:`open`."""
 
@@ -109,6 +112,13 @@ class HiCache:
             self.host_tier = HostTier(self.tree, self.host_pool, self.hub)
         self.l1 = build_l1(config, device, self.host_pool)
         self.device_pool = self.l1.pool
+        # Read on every request, so kept as plain attributes: the allocator pages come from is
+        # on the CPU, so slots move only when L1 is elsewhere; write_through_selective counts
+        # hits on every match, write_through backs up on every insert.
+        self._device_allocator = self.l1.allocator
+        self._slots_move = self.device_pool.device.type != "cpu"
+        self._backs_up_on_hit = config.write_policy is WritePolicy.WRITE_THROUGH_SELECTIVE
+        self._backs_up_on_insert = config.write_policy is WritePolicy.WRITE_THROUGH
         self.device_tier = DeviceTier(
             self.tree,
             self.l1.allocator,
@@ -275,7 +285,7 @@ class HiCache:
             self.hub.emit([BlockRemoved(tuple(keys), self.write_back.medium)])
 
     def _check_open(self) -> None:
-        if self.state is not CacheState.OPEN:
+        if self.state is not _OPEN:
             raise ClosedError(f"the cache is {self.state.value}; open it with HiCache.open()")
 
     @property
@@ -298,8 +308,9 @@ class HiCache:
         priority: int = 0,
     ) -> Session:
         """A request's session: ``async with cache.session(tokens) as s: ...``."""
-        self._check_open()
-        return Session(self, self.key(tokens, extra_key), priority)
+        if self.state is not _OPEN:
+            self._check_open()
+        return Session(self, RadixKey(tokens, extra_key), priority)
 
     def events(self, max_batches: int = 10_000) -> EventStream:
         """A bounded stream of KV event batches from now on (``async with`` it to close)."""
@@ -364,7 +375,7 @@ class HiCache:
         """Call after ``tree.insert(key, ...)`` put ``new_tokens`` new tokens on L1 (the
         insert's length minus what it returned): emits their ``BlockStored(GPU)`` and, under
         ``write_through``, schedules their backup. Sessions do this themselves."""
-        write_through = self.config.write_policy is WritePolicy.WRITE_THROUGH
+        write_through = self._backs_up_on_insert
         if new_tokens <= 0 or not (write_through or self.hub.active):
             return  # nothing to announce, nothing to back up
         last = self.tree.match_prefix(key).last_device_node
@@ -376,7 +387,7 @@ class HiCache:
 
     def _after_match(self, match: MatchResult) -> None:
         """``write_through_selective``: back up a prefix once it has been hit twice."""
-        if self.config.write_policy is WritePolicy.WRITE_THROUGH_SELECTIVE:
+        if self._backs_up_on_hit:
             self._schedule_backups(match.last_device_node, hits=2)
 
     def _schedule_backups(self, last: TreeNode, *, hits: int) -> None:
@@ -442,15 +453,9 @@ class HiCache:
                 capacity=int(self._backups[1].statistics().max_buffer_size),
             )
         }
-        storage = StorageStats()
         if self.write_back is not None:
             queues["write_back"] = QueueStats(
                 depth=self.write_back.depth, capacity=self.write_back.capacity
-            )
-        if self.storage is not None:
-            errors = self.storage.stats.errors
-            storage = StorageStats(
-                errors=self.storage.stats.error_count, corrupt_pages=errors.get("corrupt", 0)
             )
         snapshot = CacheStats.from_counters(
             self.counters,
@@ -458,6 +463,14 @@ class HiCache:
             queues=queues,
             events_published=self.hub.published,
             events_dropped=self.hub.dropped,
+        )
+        if self.storage is None:
+            return snapshot
+        # The runtime's own faults (write-backs past their deadline) plus the backend's.
+        backend = self.storage.stats
+        storage = StorageStats(
+            errors=snapshot.storage.errors + backend.error_count,
+            corrupt_pages=snapshot.storage.corrupt_pages + backend.errors.get("corrupt", 0),
         )
         return snapshot.model_copy(update={"storage": storage})
 

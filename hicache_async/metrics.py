@@ -84,8 +84,15 @@ class Counters:
     prefetch_timed_out: int = 0
     prefetch_refused: int = 0
     prefetch_skipped: int = 0  # shorter than prefetch_threshold
-    storage_errors: int = 0
+    storage_errors: int = 0  # the runtime's own L3 faults (write-backs past their deadline)
     corrupt_pages: int = 0
+
+    def add_hits(self, tokens_by_tier: dict[Tier, int], page_size: int) -> None:
+        """Count one request's hit, by the tier each token came from."""
+        for tier, tokens in tokens_by_tier.items():
+            if tokens:
+                self.hit_tokens[tier] += tokens
+                self.hit_pages[tier] += tokens // page_size
 
 
 class _Frozen(BaseModel):

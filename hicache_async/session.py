@@ -16,24 +16,26 @@ commit; cancelling the request at any await rolls back the transition in flight.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from collections.abc import Mapping
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, NamedTuple, Self
 
 import anyio
 import torch
 
 from hicache_async.config import PrefetchPolicy
 from hicache_async.errors import CapacityError, HiCacheError, LayoutError
+from hicache_async.memory.slots import pages_to_slots
 from hicache_async.metrics import Tier
-from hicache_async.radix import MatchResult, RadixKey, TreeNode
-from hicache_async.tiers.load import LoadResult
+from hicache_async.radix import TOKEN_BYTES, MatchResult, RadixKey, TreeNode
 from hicache_async.tiers.prefetch import PrefetchControl, PrefetchOutcome, PrefetchResult
 
 if TYPE_CHECKING:
     from hicache_async.cache import HiCache
 
 __all__ = ["Hit", "Session", "SessionState"]
+
+_DEVICE, _HOST, _STORAGE = Tier.DEVICE, Tier.HOST, Tier.STORAGE
 
 
 class SessionState(enum.Enum):
@@ -45,27 +47,56 @@ class SessionState(enum.Enum):
     CLOSED = "closed"  # left: locks released, uncommitted slots freed
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """The cached prefix a request can skip computing."""
+# Module constants: an enum member looked up on its class costs as much as a dict update.
+_NEW, _MATCHED = SessionState.NEW, SessionState.MATCHED
+_COMMITTED, _CLOSED = SessionState.COMMITTED, SessionState.CLOSED
+
+
+class Hit(NamedTuple):
+    """The cached prefix a request can skip computing (immutable; a named tuple because one
+    is built per request, at a third of a frozen dataclass's cost)."""
 
     length: int  # tokens
     device_indices: torch.Tensor  # int64 token slots in ``cache.device_pool``, one per token
-    tokens_by_tier: dict[Tier, int] = field(default_factory=dict)  # where they came from
+    tokens_by_tier: Mapping[Tier, int] = MappingProxyType({})  # where they came from
 
 
 class Session:
-    """One request's view of the cache. Create with :meth:`HiCache.session`."""
+    """One request's view of the cache. Create with :meth:`HiCache.session`.
+
+    The hit path (enter, ``load`` of a prefix L1 holds, ``allocate``, ``commit``, exit) runs
+    without suspending and without tensor work beyond what the tree and the allocator need:
+    a session costs little more than matching, locking and unlocking by hand
+    (``benchmarks/bench_runtime.py``).
+    """
+
+    __slots__ = (
+        "_allocated",
+        "_cache",
+        "_device_node",
+        "_handed",
+        "_handed_pages",
+        "_hit",
+        "_host_node",
+        "_match",
+        "_prefetch",
+        "_storage_tokens",
+        "key",
+        "priority",
+        "state",
+    )
 
     def __init__(self, cache: HiCache, key: RadixKey, priority: int = 0) -> None:
         self._cache = cache
         self.key = key
         self.priority = priority
-        self.state = SessionState.NEW
+        self.state = _NEW
         self._match: MatchResult | None = None
         self._device_node: TreeNode | None = None  # device-locked by this session
-        self._host_node: TreeNode | None = None  # host-locked by this session
-        self._allocated: torch.Tensor | None = None  # device slots not yet committed
+        self._host_node: TreeNode | None = None  # host-locked by this session (a host hit)
+        self._allocated: torch.Tensor | None = None  # L1 pages reserved, not yet committed
+        self._handed: torch.Tensor | None = None  # the slots the last allocate() returned
+        self._handed_pages: torch.Tensor | None = None  # and its pages
         self._prefetch: _BackgroundPrefetch | None = None
         self._storage_tokens = 0
         self._hit: Hit | None = None
@@ -73,10 +104,22 @@ class Session:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._cache._check_open()
-        self._rematch()
-        self._cache.counters.requests += 1
-        self.state = SessionState.MATCHED
+        cache = self._cache
+        cache._check_open()
+        if self.state is not _NEW:
+            raise HiCacheError(f"a session is entered once; this one is {self.state.value}")
+        tree = cache.tree
+        self._match = match = tree.match_prefix(self.key)
+        if cache._backs_up_on_hit:
+            cache._after_match(match)
+        last_device, last_host = match.last_device_node, match.last_host_node
+        tree.lock(last_device)
+        self._device_node = last_device
+        if last_host is not last_device:  # see _rematch
+            tree.lock_host(last_host)
+            self._host_node = last_host
+        cache.counters.requests += 1
+        self.state = _MATCHED
         return self
 
     async def __aexit__(
@@ -89,15 +132,15 @@ class Session:
 
     def close(self) -> None:
         """Release everything the session holds (idempotent; sync, so it cannot be cut)."""
-        if self.state is SessionState.CLOSED:
+        if self.state is _CLOSED:
             return
         if self._prefetch is not None:
             self._prefetch.control.terminate()
         self._unlock()
         if self._allocated is not None:
-            self._cache.device_tier.free(self._allocated)
+            self._cache.device_tier.free_pages(self._allocated)
             self._allocated = None
-        self.state = SessionState.CLOSED
+        self.state = _CLOSED
 
     # -- the steps ------------------------------------------------------------------------
 
@@ -114,7 +157,7 @@ class Session:
         arrived); ``wait_complete`` waits for every page; ``timeout`` waits up to the linear
         deadline and keeps what arrived.
         """
-        self._expect(SessionState.MATCHED)
+        self._expect(_MATCHED)
         cache = self._cache
         if cache.prefetcher is None or self._prefetch is not None:
             return PrefetchResult(PrefetchOutcome.SKIPPED)
@@ -135,8 +178,11 @@ class Session:
 
         ``limit`` caps the hit (rounded down to whole pages): a model that must compute at
         least the prompt's last token to get its logits passes ``len(tokens) - 1``.
+
+        A prefix L1 already holds completes without suspending (no copy to wait for).
         """
-        self._expect(SessionState.MATCHED)
+        if self.state is not _MATCHED:
+            self._expect(_MATCHED)
         if self._hit is not None:
             return self._hit
         if self._prefetch is not None:
@@ -145,75 +191,105 @@ class Session:
             if self._prefetch.result is not None:
                 self._after_prefetch(self._prefetch.result)
         cache = self._cache
-        match = self.match
-        device_tokens = match.device_hit_length
-        if cache.loader is None:  # no L2: nothing to load
-            loaded = LoadResult(match.device_indices, 0, match.last_device_node)
-        else:
+        match = self._match
+        assert match is not None  # MATCHED
+        indices = match.device_indices
+        device_tokens = indices.numel()
+        loaded_tokens = 0
+        if match.host_hit_length and cache.loader is not None:
             loaded = await cache.loader.load(match)
-        if loaded.loaded_tokens:
-            # The loaded nodes are now device-resident: hold them for the model.
-            cache.tree.lock(loaded.last_node)
-            self._release_device_lock()
-            self._device_node = loaded.last_node
-        length = device_tokens + loaded.loaded_tokens
+            loaded_tokens = loaded.loaded_tokens
+            if loaded_tokens:
+                # The loaded nodes are now device-resident: hold them for the model.
+                cache.tree.lock(loaded.last_node)
+                self._release_device_lock()
+                self._device_node = loaded.last_node
+                indices = loaded.device_indices
+        length = device_tokens + loaded_tokens
         if limit is not None and limit < length:
             length = max(0, limit) // cache.page_size * cache.page_size
-        # Tokens by the tier they were found in: the device part, then pages L2 held, then
-        # the pages the prefetch brought from L3 (the match's tail).
-        used_device = min(device_tokens, length)
-        from_host = loaded.loaded_tokens - min(self._storage_tokens, loaded.loaded_tokens)
-        used_host = min(from_host, length - used_device)
-        by_tier = {
-            Tier.DEVICE: used_device,
-            Tier.HOST: used_host,
-            Tier.STORAGE: length - used_device - used_host,
-        }
+            indices = indices[:length]
         # Make sure allocate() can place the rest of the prompt: pages pinned by backups in
         # flight free up when their copies land, which only an await can wait for.
-        await cache.ensure_device_room(-(-(len(self.key) - length) // cache.page_size))
-        for tier, tokens in by_tier.items():
-            cache.counters.hit_tokens[tier] += tokens
-            cache.counters.hit_pages[tier] += tokens // cache.page_size
-        self._hit = Hit(length, loaded.device_indices[:length], by_tier)
-        return self._hit
+        room = -(-(len(self.key.data) // TOKEN_BYTES - length) // cache.page_size)
+        if room and room > cache._device_allocator.available:
+            await cache.ensure_device_room(room)
+        # Tokens by the tier they were found in: the device part, then pages L2 held, then
+        # the pages the prefetch brought from L3 (the match's tail).
+        counters = cache.counters
+        if device_tokens >= length:  # the common case: L1 held it all
+            by_tier = {_DEVICE: length, _HOST: 0, _STORAGE: 0}
+            counters.hit_tokens[_DEVICE] += length
+            counters.hit_pages[_DEVICE] += length // cache.page_size
+        else:
+            from_host = loaded_tokens - min(self._storage_tokens, loaded_tokens)
+            used_host = min(from_host, length - device_tokens)
+            by_tier = {
+                _DEVICE: device_tokens,
+                _HOST: used_host,
+                _STORAGE: length - device_tokens - used_host,
+            }
+            counters.add_hits(by_tier, cache.page_size)
+        self._hit = hit = Hit(length, indices, by_tier)
+        return hit
 
     def allocate(self, n_tokens: int) -> torch.Tensor:
         """Device token slots for ``n_tokens`` new tokens (whole pages are reserved), on the
         L1 pool's device."""
-        self._expect(SessionState.MATCHED)
+        if self.state is not _MATCHED:
+            self._expect(_MATCHED)
         if n_tokens < 0:
             raise LayoutError(f"cannot allocate {n_tokens} tokens")
-        size = self._cache.page_size
-        pages = -(-n_tokens // size)
-        slots = self._cache.device_tier.reserve(pages)
-        if slots is None:
+        cache = self._cache
+        size = cache.page_size
+        n_pages = -(-n_tokens // size)
+        pages = cache.device_tier.reserve_pages(n_pages)
+        if pages is None:
             raise CapacityError(
-                f"L1 has no room for {pages} pages even after eviction; fewer concurrent "
+                f"L1 has no room for {n_pages} pages even after eviction; fewer concurrent "
                 f"requests or more device_pages"
             )
-        self._allocated = slots if self._allocated is None else torch.cat([self._allocated, slots])
-        return slots[:n_tokens].to(self._cache.device_pool.device)  # where the model indexes
+        self._allocated = pages if self._allocated is None else torch.cat([self._allocated, pages])
+        slots = pages_to_slots(pages, size)
+        if n_tokens < slots.numel():
+            slots = slots[:n_tokens]
+        if cache._slots_move:  # where the model indexes
+            slots = slots.to(cache.device_pool.device)
+        self._handed, self._handed_pages = slots, pages
+        return slots
 
     async def commit(self, new_slots: torch.Tensor) -> int:
         """Insert the prompt's KV (the hit, then ``new_slots``) into the tree; returns how many
         tokens were cached by another request meanwhile (their duplicate slots are freed)."""
-        self._expect(SessionState.MATCHED)
+        if self.state is not _MATCHED:
+            self._expect(_MATCHED)
         hit = self._hit or await self.load()
         cache = self._cache
         size = cache.page_size
-        slots = torch.cat([hit.device_indices, new_slots.to(hit.device_indices.device)])
-        if slots.numel() > len(self.key):
-            raise LayoutError(f"{slots.numel()} slots for a prompt of {len(self.key)} tokens")
-        aligned = slots.numel() // size * size
+        hit_indices = hit.device_indices
+        new = new_slots  # what allocate() handed out is on the tree's device already
+        if new_slots is not self._handed:
+            new = new_slots.to(hit_indices.device)
+        fresh = bool(hit.length)  # a concatenation is ours alone: the tree may keep views of it
+        slots = torch.cat([hit_indices, new]) if fresh else new
+        n = slots.numel()
+        n_tokens = len(self.key.data) // TOKEN_BYTES
+        if n > n_tokens:
+            raise LayoutError(f"{n} slots for a prompt of {n_tokens} tokens")
+        aligned = n // size * size
         duplicates = 0
         if aligned > hit.length:
-            key = RadixKey(self.key.data[: aligned * cache.token_bytes], self.key.extra_key)
-            present = cache.tree.insert(key, slots[:aligned], self.priority)
+            key = self.key
+            if aligned < n_tokens:
+                key = RadixKey(key.data[: aligned * cache.token_bytes], key.extra_key)
+            if aligned < n:
+                slots = slots[:aligned]
+            present = cache.tree.insert(key, slots, self.priority, copy=not fresh)
             self._give_to_tree(new_slots, hit.length, present, aligned)
-            duplicates = max(0, min(present, aligned) - hit.length)
+            if present > hit.length:  # another request cached these tokens meanwhile
+                duplicates = (present if present < aligned else aligned) - hit.length
             cache.after_insert(key, aligned - present)
-        self.state = SessionState.COMMITTED
+        self.state = _COMMITTED
         return duplicates
 
     # -- helpers --------------------------------------------------------------------------
@@ -225,20 +301,22 @@ class Session:
         allocated = self._allocated
         if allocated is None:
             return
+        size = self._cache.page_size
+        if new is self._handed and allocated is self._handed_pages and present <= start:
+            # The usual case: one allocate() for the rest of the prompt, its leading pages now
+            # in the tree; what is left is the partial last page, if any.
+            taken = (end - start) // size
+            self._allocated = allocated[taken:] if taken < allocated.numel() else None
+            return
         owned = new[max(0, present - start) : max(0, end - start)]
         if owned.numel():
             # A few pages: a set is far cheaper than torch.isin on small tensors.
-            size = self._cache.page_size
-            taken = set(owned[::size].tolist())
-            pages = allocated[::size].tolist()
-            kept = [i for i, first in enumerate(pages) if first not in taken]
-            if not kept:  # the usual case: the tree took every page
+            taken_pages = set((owned[::size] // size).tolist())
+            kept = [i for i, page in enumerate(allocated.tolist()) if page not in taken_pages]
+            if not kept:  # the tree took every page
                 self._allocated = None
-                return
-            if len(kept) == len(pages):
-                return
-            index = torch.tensor(kept, dtype=torch.int64)
-            self._allocated = allocated.view(-1, size)[index].reshape(-1)
+            elif len(kept) < allocated.numel():
+                self._allocated = allocated[torch.tensor(kept, dtype=torch.int64)]
 
     def _after_prefetch(self, result: PrefetchResult) -> None:
         if result.arrived_pages:
@@ -249,25 +327,39 @@ class Session:
         return self.match.device_hit_length + self.match.host_hit_length
 
     def _rematch(self) -> None:
-        tree = self._cache.tree
+        """Match the key and lock what matched: the device path, and the host path when part
+        of the hit is on host only (a device lock already keeps the host copies of its path:
+        L2 evicts host-only nodes alone)."""
+        cache = self._cache
+        tree = cache.tree
         match = tree.match_prefix(self.key)
-        self._cache._after_match(match)
-        tree.lock(match.last_device_node)
-        tree.lock_host(match.last_host_node)
+        if cache._backs_up_on_hit:
+            cache._after_match(match)
+        last_device, last_host = match.last_device_node, match.last_host_node
+        tree.lock(last_device)
+        host_part = last_host is not last_device
+        if host_part:
+            tree.lock_host(last_host)
         self._unlock()
         self._match = match
-        self._device_node, self._host_node = match.last_device_node, match.last_host_node
+        self._device_node = last_device
+        self._host_node = last_host if host_part else None
 
     def _release_device_lock(self) -> None:
-        if self._device_node is not None:
-            self._cache.tree.unlock(self._device_node)
+        node = self._device_node
+        if node is not None:
             self._device_node = None
+            self._cache.tree.unlock(node)
 
     def _unlock(self) -> None:
-        self._release_device_lock()
-        if self._host_node is not None:
-            self._cache.tree.unlock_host(self._host_node)
+        node = self._device_node
+        if node is not None:
+            self._device_node = None
+            self._cache.tree.unlock(node)
+        node = self._host_node
+        if node is not None:
             self._host_node = None
+            self._cache.tree.unlock_host(node)
 
     def _expect(self, state: SessionState) -> None:
         if self.state is not state:

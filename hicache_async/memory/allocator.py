@@ -6,15 +6,24 @@ loop thread (house rule 1), so it has no lock.
 
 SGLang's allocators corrupted their free list silently when a page was freed twice; here every
 free is checked against an ownership bitmap first, so the error surfaces at the faulty call.
+
+The free list and the owner counts are numpy arrays: every request allocates and frees a few
+pages, and on index arrays this small a numpy operation costs a fraction of a torch one. Page
+indices come in and go out as int64 CPU tensors sharing memory with them.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 
 from hicache_async.errors import IndexStateError
 
 __all__ = ["PagedAllocator"]
+
+_Pages = np.ndarray[Any, np.dtype[np.int64]]
 
 
 class PagedAllocator:
@@ -33,21 +42,18 @@ class PagedAllocator:
         self.capacity = capacity
         self.first_page = first_page
         self.debug = debug
-        self._free = torch.arange(first_page, capacity, dtype=torch.int64)
-        self._pending: list[torch.Tensor] = []
-        self._pending_count = 0
+        self._free: _Pages = np.arange(first_page, capacity, dtype=np.int64)
+        self._pending: list[_Pages] = []
+        # Pages free right now, frees not yet merged included: a plain attribute, because
+        # every request reads it.
+        self.available = len(self._free)
         # Owners per page: 0 free, 1 allocated; above 1 only through share() in debug mode.
-        self._owners = torch.zeros(capacity, dtype=torch.int32)
+        self._owners = np.zeros(capacity, dtype=np.int32)
 
     @property
     def usable(self) -> int:
         """Pages this allocator can hand out at all."""
         return self.capacity - self.first_page
-
-    @property
-    def available(self) -> int:
-        """Pages free right now (including frees not yet merged)."""
-        return self._free.numel() + self._pending_count
 
     @property
     def used(self) -> int:
@@ -58,45 +64,54 @@ class PagedAllocator:
         """``n_pages`` page indices (int64), or ``None`` when fewer are free."""
         if n_pages < 0:
             raise ValueError(f"cannot allocate {n_pages} pages")
-        if n_pages > self._free.numel():
+        if n_pages > len(self._free):
             if n_pages > self.available:
                 return None
             self._merge_pending()
         pages = self._free[:n_pages]
         self._free = self._free[n_pages:]
+        self.available -= n_pages
         self._owners[pages] = 1
-        return pages
+        return torch.from_numpy(pages)
 
     def free(self, pages: torch.Tensor) -> None:
         """Return ``pages``; a foreign index, a repeated index or a page not allocated raises
         :class:`IndexStateError` before anything changes."""
-        pages = self._check(pages)
-        if pages.numel() == 0:
+        p = self._check(pages)
+        if not len(p):
             return
-        owners = self._owners[pages]
-        if bool((owners <= 0).any()):
-            bad = pages[owners <= 0][:8].tolist()
-            raise IndexStateError(f"double free: pages {bad} are not allocated")
-        if pages.numel() > 1 and torch.unique(pages).numel() != pages.numel():
+        if self.debug and len(p) > 1 and len(np.unique(p)) != len(p):
+            raise IndexStateError("free() got the same page more than once")  # shared pages
+        # One scatter-add takes an owner from every page, once per occurrence: a page freed
+        # more often than it has owners (double free, or repeated in this call) goes below
+        # zero. Cheaper than checking first (no sort for duplicates); undone on error.
+        owners = self._owners
+        np.subtract.at(owners, p, 1)
+        after = owners[p]
+        if (after < 0).any():
+            np.add.at(owners, p, 1)
+            before = owners[p]
+            if (before <= 0).any():
+                bad = p[before <= 0][:8].tolist()
+                raise IndexStateError(f"double free: pages {bad} are not allocated")
             raise IndexStateError("free() got the same page more than once")
-        self._owners[pages] = owners - 1
-        released = pages[owners == 1] if self.debug else pages
-        if released.numel():
-            self._pending.append(released.clone())
-            self._pending_count += released.numel()
+        released = p[after == 0] if self.debug else p.copy()  # the caller keeps its tensor
+        if len(released):
+            self._pending.append(released)
+            self.available += len(released)
 
     def share(self, pages: torch.Tensor) -> None:
         """Debug mode: add an owner to allocated ``pages`` (each owner frees once)."""
         if not self.debug:
             raise IndexStateError("share() needs PagedAllocator(debug=True)")
-        pages = self._check(pages)
-        if bool((self._owners[pages] <= 0).any()):
+        p = self._check(pages)
+        if (self._owners[p] <= 0).any():
             raise IndexStateError("share() of a page that is not allocated")
-        self._owners.index_add_(0, pages, torch.ones_like(pages, dtype=torch.int32))
+        np.add.at(self._owners, p, 1)
 
     def owners(self, pages: torch.Tensor) -> torch.Tensor:
         """Owner counts of ``pages`` (0 = free)."""
-        return self._owners[self._check(pages)].clone()
+        return torch.from_numpy(self._owners[self._check(pages)])
 
     def is_allocated(self, pages: torch.Tensor) -> bool:
         """Whether every page in ``pages`` is allocated."""
@@ -104,28 +119,25 @@ class PagedAllocator:
 
     def clear(self) -> None:
         """Free every page (the pool's contents become garbage)."""
-        self._free = torch.arange(self.first_page, self.capacity, dtype=torch.int64)
+        self._free = np.arange(self.first_page, self.capacity, dtype=np.int64)
+        self.available = len(self._free)
         self._pending.clear()
-        self._pending_count = 0
-        self._owners.zero_()
+        self._owners[:] = 0
 
     def _merge_pending(self) -> None:
         if self._pending:
-            self._free = torch.cat([self._free, *self._pending])
+            self._free = np.concatenate([self._free, *self._pending])
             self._pending.clear()
-            self._pending_count = 0
 
-    def _check(self, pages: torch.Tensor) -> torch.Tensor:
+    def _check(self, pages: torch.Tensor) -> _Pages:
         if not isinstance(pages, torch.Tensor) or pages.dtype != torch.int64 or pages.dim() != 1:
             raise IndexStateError("page indices must be a 1-D int64 tensor")
-        pages = pages.cpu()
-        if pages.numel() and (
-            int(pages.min()) < self.first_page or int(pages.max()) >= self.capacity
-        ):
+        p: _Pages = pages.numpy() if pages.is_cpu else pages.cpu().numpy()
+        if len(p) and (p.min() < self.first_page or p.max() >= self.capacity):
             raise IndexStateError(
                 f"foreign page index: pages must lie in [{self.first_page}, {self.capacity})"
             )
-        return pages
+        return p
 
     def __repr__(self) -> str:
         return f"PagedAllocator(capacity={self.capacity}, available={self.available})"

@@ -27,16 +27,24 @@ class PagedTier(abc.ABC):
 
     def reserve(self, n_pages: int) -> torch.Tensor | None:
         """Token slots of ``n_pages`` pages, evicting as needed; None if impossible."""
+        pages = self.reserve_pages(n_pages)
+        return None if pages is None else pages_to_slots(pages, self.page_size)
+
+    def reserve_pages(self, n_pages: int) -> torch.Tensor | None:
+        """``n_pages`` page indices, evicting as needed; None if impossible."""
         short = n_pages - self.allocator.available
         if short > 0:
             self.evict(short)
-        pages = self.allocator.alloc(n_pages)
-        return None if pages is None else pages_to_slots(pages, self.page_size)
+        return self.allocator.alloc(n_pages)
 
     def free(self, slots: torch.Tensor) -> None:
         """Return token slots (whole pages) to the pool."""
         if slots.numel():
             self.allocator.free(slots_to_pages(slots.cpu(), self.page_size))
+
+    def free_pages(self, pages: torch.Tensor) -> None:
+        """Return pages (from :meth:`reserve_pages`) to the pool."""
+        self.allocator.free(pages)
 
     @abc.abstractmethod
     def evict(self, n_pages: int) -> int:
