@@ -230,6 +230,10 @@ def test_bad_indices_are_clear_errors() -> None:
         tree.insert(key, slots(0, 3))
     with pytest.raises(RadixInputError, match=r"torch\.Tensor"):
         tree.insert(key, [0, 1, 2, 3])  # type: ignore[arg-type]
+    with pytest.raises(RadixInputError, match="whole pages of 2 slots"):
+        tree.insert(key, slots(1, 4))  # pages start at multiples of the page size
+    with pytest.raises(RadixInputError, match="whole pages of 2 slots"):
+        tree.insert(key, torch.tensor([0, 1, 3, 2]))  # in order inside a page
     with pytest.raises(RadixInputError, match="page_size"):
         RadixTree(page_size=0)
     tree.check()

@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from hicache_async.errors import IndexStateError
+from hicache_async.memory.slots import pages_to_slots
 from hicache_async.radix.node import EvictResult, NodeState, TreeNode
-from hicache_async.radix.tree import RadixTreeBase, check_indices
+from hicache_async.radix.tree import RadixTreeBase, check_indices, to_pages
 
 __all__ = ["RadixTree"]
 
@@ -40,9 +41,11 @@ class RadixTree(RadixTreeBase):
     # ----------------------------------------------------------------------- eviction
 
     def _cat(self, parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+        """Token slots of the page tensors ``parts``."""
         if not parts:
             return empty
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        pages = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return pages_to_slots(pages, self.page_size)
 
     def evict(self, n_pages: int, keep_host: bool = True) -> EvictResult:
         """Evict up to ``n_pages`` device pages from unlocked device leaves, policy order.
@@ -115,10 +118,10 @@ class RadixTree(RadixTreeBase):
 
     def _demote(self, node: TreeNode, dev: list[torch.Tensor]) -> None:
         """BOTH -> HOST for an unlocked device leaf."""
-        assert node.device_indices is not None
+        assert node.device_pages is not None
         assert node.device_lock_ref == 0
-        dev.append(node.device_indices)
-        node.device_indices = None
+        dev.append(node.device_pages)
+        node.device_pages = None
         node.state = _HOST
         self._dev_evictable -= node.num_tokens
         parent = node.parent
@@ -145,14 +148,14 @@ class RadixTree(RadixTreeBase):
             x = stack.pop()
             stack.extend(x.children.values())
             n = x.num_tokens
-            if x.device_indices is not None:
-                dev.append(x.device_indices)
-                x.device_indices = None
+            if x.device_pages is not None:
+                dev.append(x.device_pages)
+                x.device_pages = None
                 self._dev_evictable -= n
                 result.removed_device.append(x)
-            if x.host_indices is not None:
-                host.append(x.host_indices)
-                x.host_indices = None
+            if x.host_pages is not None:
+                host.append(x.host_pages)
+                x.host_pages = None
                 self._host_evictable -= n
                 result.removed_host.append(x)
             self._dev_heap.discard(x)
@@ -181,7 +184,7 @@ class RadixTree(RadixTreeBase):
     def _sub_host(self, node: TreeNode) -> torch.Tensor:
         indices = node.host_indices
         assert indices is not None
-        node.host_indices = None
+        node.host_pages = None
         if node.host_lock_ref:
             self._host_protected -= node.num_tokens
         else:
@@ -191,7 +194,8 @@ class RadixTree(RadixTreeBase):
     def start_backup(self, node: TreeNode, host_indices: torch.Tensor) -> None:
         """DEVICE -> BACKING_UP: host slots reserved, the D2H copy is about to start."""
         self._expect(node, _DEVICE)
-        node.host_indices = check_indices(host_indices, node.num_tokens, "host_indices")
+        check_indices(host_indices, node.num_tokens, "host_indices")
+        node.host_pages = to_pages(host_indices, self.page_size, "host_indices")
         node.state = _BACKING_UP
         self._add_host(node)
         self._refresh(node)
@@ -219,7 +223,8 @@ class RadixTree(RadixTreeBase):
         assert parent is not None
         if parent.parent is not None and not parent.state.holds_device:
             raise IndexStateError(f"load {node!r} only after its parent {parent!r}")
-        node.device_indices = check_indices(device_indices, node.num_tokens, "device_indices")
+        check_indices(device_indices, node.num_tokens, "device_indices")
+        node.device_pages = to_pages(device_indices, self.page_size, "device_indices")
         node.state = _LOADING
         if node.device_lock_ref:
             self._dev_protected += node.num_tokens
@@ -244,7 +249,7 @@ class RadixTree(RadixTreeBase):
             raise IndexStateError(f"cancel the loads below {node!r} first")
         indices = node.device_indices
         assert indices is not None
-        node.device_indices = None
+        node.device_pages = None
         node.state = _HOST
         if node.device_lock_ref:
             self._dev_protected -= node.num_tokens

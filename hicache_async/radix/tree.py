@@ -3,7 +3,9 @@
 Synchronous by design: the event loop owns it (no locks, no awaits). Keys are int64-LE bytes;
 children are keyed by their first page's bytes, and a node's whole span is compared with one
 ``bytes.startswith`` (a ``memcmp``), so neither match nor insert does per-token or per-page Python
-work. Page hashes are computed only when asked for (:meth:`RadixTree.page_hashes`).
+work. Nodes keep one page index per page, not one slot per token: inserts take token slots
+(whole, in-order pages, as the paged pools hand out) and keep ``slots[::page_size] //
+page_size``. Page hashes are computed only when asked for (:meth:`RadixTree.page_hashes`).
 
 Residency invariant: a node that holds device slots (valid or reserved for a load) has a parent
 that is a root or holds device slots too. Host-only nodes hang below anything. A match counts
@@ -34,6 +36,22 @@ _LOADING = NodeState.LOADING
 _REMOVED = NodeState.REMOVED
 _DEVICE_VALID = frozenset({NodeState.DEVICE, NodeState.BOTH, NodeState.BACKING_UP})
 _HOST_VALID = frozenset({NodeState.HOST, NodeState.BOTH, NodeState.LOADING})
+
+
+def to_pages(slots: torch.Tensor, page_size: int, what: str) -> torch.Tensor:
+    """The page indices of ``slots`` (whole pages, each in order), or a
+    :class:`RadixInputError`. One vectorised comparison; no per-token Python work."""
+    if page_size == 1:
+        return slots
+    pages = slots[::page_size] // page_size
+    rows = slots.view(-1, page_size)
+    offsets = torch.arange(page_size, dtype=torch.int64, device=slots.device)
+    if not torch.equal(rows, pages.unsqueeze(1) * page_size + offsets):
+        raise RadixInputError(
+            f"{what} must be whole pages of {page_size} slots, each in order from a multiple "
+            f"of {page_size} (as the paged pools allocate them)"
+        )
+    return pages
 
 
 def check_indices(indices: object, n_tokens: int, what: str) -> torch.Tensor:
@@ -96,7 +114,7 @@ class RadixTreeBase:
         self, key: bytes, parent: TreeNode | None, state: NodeState, priority: int = 0
     ) -> TreeNode:
         self._next_id += 1
-        return TreeNode(self._next_id, key, parent, state, self._tick, priority)
+        return TreeNode(self._next_id, key, parent, state, self._tick, priority, self.page_size)
 
     def _root_for(self, extra_key: str | None) -> TreeNode:
         root = self._roots.get(extra_key)
@@ -154,14 +172,14 @@ class RadixTreeBase:
         upper.device_lock_ref = node.device_lock_ref
         upper.host_lock_ref = node.host_lock_ref
         upper.written = node.written
-        if node.device_indices is not None:
-            upper.device_indices = node.device_indices[:n_tokens]
-            node.device_indices = node.device_indices[n_tokens:]
-        if node.host_indices is not None:
-            upper.host_indices = node.host_indices[:n_tokens]
-            node.host_indices = node.host_indices[n_tokens:]
+        p = n_tokens // self.page_size
+        if node.device_pages is not None:
+            upper.device_pages = node.device_pages[:p]
+            node.device_pages = node.device_pages[p:]
+        if node.host_pages is not None:
+            upper.host_pages = node.host_pages[:p]
+            node.host_pages = node.host_pages[p:]
         if node.hashes is not None:
-            p = n_tokens // self.page_size
             upper.hashes, node.hashes = node.hashes[:p], node.hashes[p:]
         parent.children[upper.key[: self._pb]] = upper
         node.key = node.key[kb:]
@@ -189,7 +207,7 @@ class RadixTreeBase:
         root = self._roots.get(key.extra_key)
         if root is None or not end:
             r = root or self.root
-            return MatchResult(self._empty, r, r, 0)
+            return MatchResult(self._empty, r, r, 0, self.page_size)
         self._tick += 1
         tick = self._tick
         node = last_dev = last_host = root
@@ -212,7 +230,7 @@ class RadixTreeBase:
                 child.last_access = tick
             st = child.state
             if on_device and st in _DEVICE_VALID:
-                dev.append(child.device_indices)  # type: ignore[arg-type]
+                dev.append(child.device_pages)  # type: ignore[arg-type]
                 last_dev = last_host = child
             elif st in _HOST_VALID:
                 on_device = False
@@ -225,12 +243,12 @@ class RadixTreeBase:
             if cut:
                 break
         if not dev:
-            indices = self._empty
+            pages = self._empty
         elif len(dev) == 1:
-            indices = dev[0]
+            pages = dev[0]
         else:
-            indices = torch.cat(dev)
-        return MatchResult(indices, last_dev, last_host, host_bytes // TOKEN_BYTES)
+            pages = torch.cat(dev)
+        return MatchResult(pages, last_dev, last_host, host_bytes // TOKEN_BYTES, self.page_size)
 
     def _walk_for_insert(
         self, key: RadixKey, priority: int
@@ -276,26 +294,39 @@ class RadixTreeBase:
     ) -> int:
         """Insert ``key``'s whole pages with their device slots (one per token of ``key``).
 
-        Returns the number of leading tokens whose device copy was already cached: the caller
-        frees its own duplicate slots for them (and the slots of a partial last page). Host-only
-        nodes on the path adopt the caller's slots (the KV was recomputed) and become BOTH; new
-        nodes are DEVICE. ``copy=False`` keeps views of ``device_indices`` instead of copies:
-        for a caller that hands over a tensor it never writes again (a fresh allocation).
+        Slots of whole pages must be whole, in-order pages of the pool (``page * page_size +
+        offset``); the tree keeps one page index per page. Returns the number of leading tokens
+        whose device copy was already cached: the caller frees its own duplicate slots for them
+        (and the slots of a partial last page). Host-only nodes on the path adopt the caller's
+        slots (the KV was recomputed) and become BOTH; new nodes are DEVICE. ``copy=False`` (page
+        size 1) keeps views of ``device_indices`` instead of copies: for a caller that hands over
+        a tensor it never writes again (a fresh allocation). Larger pages always keep a new
+        tensor of page indices.
         """
         check_indices(device_indices, len(key), "device_indices")
         node, off, end, host_only = self._walk_for_insert(key, priority)
         cached = host_only[0][1] if host_only else off
-        for h, start in host_only:  # the KV was recomputed: keep the caller's copy
+        what = "device_indices"
+        adopt = []  # converted (and checked) before anything changes state
+        for h, start in host_only:
             a = start // TOKEN_BYTES
-            part = device_indices[a : a + h.num_tokens]
-            self._set_device_copy(h, part.clone() if copy else part)
-        if off < end:
+            adopt.append((h, self._own_pages(device_indices[a : a + h.num_tokens], copy, what)))
+        part = device_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
+        pages = self._own_pages(part, copy, what) if off < end else None
+        for h, h_pages in adopt:  # the KV was recomputed: keep the caller's copy
+            self._set_device_copy(h, h_pages)
+        if pages is not None:
             new = self._new_node(key.data[off:end], node, _DEVICE, priority)
-            part = device_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
-            new.device_indices = part.clone() if copy else part
+            new.device_pages = pages
             self._dev_evictable += new.num_tokens
             self._attach(node, new)
         return cached // TOKEN_BYTES
+
+    def _own_pages(self, slots: torch.Tensor, copy: bool, what: str) -> torch.Tensor:
+        """The page indices of ``slots`` in a tensor the tree owns (``copy``) or a view."""
+        if self.page_size == 1:
+            return slots.clone() if copy else slots
+        return to_pages(slots, self.page_size, what)  # a new tensor already
 
     def insert_host(
         self, key: RadixKey, host_indices: torch.Tensor, priority: int = 0, *, copy: bool = True
@@ -305,16 +336,17 @@ class RadixTreeBase:
         check_indices(host_indices, len(key), "host_indices")
         node, off, end, _ = self._walk_for_insert(key, priority)
         if off < end:
-            new = self._new_node(key.data[off:end], node, _HOST, priority)
             part = host_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
-            new.host_indices = part.clone() if copy else part
+            pages = self._own_pages(part, copy, "host_indices")
+            new = self._new_node(key.data[off:end], node, _HOST, priority)
+            new.host_pages = pages
             self._host_evictable += new.num_tokens
             self._attach(node, new)
         return off // TOKEN_BYTES
 
-    def _set_device_copy(self, node: TreeNode, device_indices: torch.Tensor) -> None:
-        """HOST -> BOTH with ``device_indices`` (validated by the caller)."""
-        node.device_indices = device_indices
+    def _set_device_copy(self, node: TreeNode, device_pages: torch.Tensor) -> None:
+        """HOST -> BOTH with ``device_pages`` (validated by the caller)."""
+        node.device_pages = device_pages
         node.state = _BOTH
         n = node.num_tokens
         if node.device_lock_ref:
