@@ -23,10 +23,10 @@ class HiCacheRadix:
         self.tree = RadixTree(page_size=page_size)
 
     def match(self, tokens: array[int]) -> int:
-        return self.tree.match_prefix(RadixKey(tokens)).device_hit_length
+        return self.tree.match_prefix(RadixKey(tokens, copy=False)).device_hit_length
 
     def insert(self, tokens: array[int], value: torch.Tensor) -> int:
-        return self.tree.insert(RadixKey(tokens), value)
+        return self.tree.insert(RadixKey(tokens, copy=False), value)
 
     def stats(self) -> dict[str, Any]:
         nodes = 0

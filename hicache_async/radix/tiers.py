@@ -16,7 +16,7 @@ import torch
 from hicache_async.errors import IndexStateError
 from hicache_async.memory.slots import pages_to_slots
 from hicache_async.radix.node import EvictResult, NodeState, TreeNode
-from hicache_async.radix.tree import RadixTreeBase, check_indices, to_pages
+from hicache_async.radix.tree import RadixTreeBase, check_indices
 
 __all__ = ["RadixTree"]
 
@@ -195,7 +195,7 @@ class RadixTree(RadixTreeBase):
         """DEVICE -> BACKING_UP: host slots reserved, the D2H copy is about to start."""
         self._expect(node, _DEVICE)
         check_indices(host_indices, node.num_tokens, "host_indices")
-        node.host_pages = to_pages(host_indices, self.page_size, "host_indices")
+        node.host_pages = self._to_pages(host_indices, "host_indices")
         node.state = _BACKING_UP
         self._add_host(node)
         self._refresh(node)
@@ -224,7 +224,7 @@ class RadixTree(RadixTreeBase):
         if parent.parent is not None and not parent.state.holds_device:
             raise IndexStateError(f"load {node!r} only after its parent {parent!r}")
         check_indices(device_indices, node.num_tokens, "device_indices")
-        node.device_pages = to_pages(device_indices, self.page_size, "device_indices")
+        node.device_pages = self._to_pages(device_indices, "device_indices")
         node.state = _LOADING
         if node.device_lock_ref:
             self._dev_protected += node.num_tokens

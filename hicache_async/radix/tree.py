@@ -22,7 +22,7 @@ import torch
 from hicache_async.config import EvictionPolicy
 from hicache_async.errors import IndexStateError
 from hicache_async.radix.hashing import hash_pages
-from hicache_async.radix.key import TOKEN_BYTES, RadixInputError, RadixKey
+from hicache_async.radix.key import TOKEN_BYTES, KeyBytes, RadixInputError, RadixKey
 from hicache_async.radix.node import MatchResult, NodeState, Tier, TreeNode
 from hicache_async.radix.policy import EvictionHeap, make_policy
 
@@ -36,22 +36,6 @@ _LOADING = NodeState.LOADING
 _REMOVED = NodeState.REMOVED
 _DEVICE_VALID = frozenset({NodeState.DEVICE, NodeState.BOTH, NodeState.BACKING_UP})
 _HOST_VALID = frozenset({NodeState.HOST, NodeState.BOTH, NodeState.LOADING})
-
-
-def to_pages(slots: torch.Tensor, page_size: int, what: str) -> torch.Tensor:
-    """The page indices of ``slots`` (whole pages, each in order), or a
-    :class:`RadixInputError`. One vectorised comparison; no per-token Python work."""
-    if page_size == 1:
-        return slots
-    pages = slots[::page_size] // page_size
-    rows = slots.view(-1, page_size)
-    offsets = torch.arange(page_size, dtype=torch.int64, device=slots.device)
-    if not torch.equal(rows, pages.unsqueeze(1) * page_size + offsets):
-        raise RadixInputError(
-            f"{what} must be whole pages of {page_size} slots, each in order from a multiple "
-            f"of {page_size} (as the paged pools allocate them)"
-        )
-    return pages
 
 
 def check_indices(indices: object, n_tokens: int, what: str) -> torch.Tensor:
@@ -81,6 +65,8 @@ class RadixTreeBase:
             raise RadixInputError(f"page_size must be a positive int, got {page_size!r}")
         self.page_size = page_size
         self._pb = page_size * TOKEN_BYTES  # bytes per page
+        self._scratch = np.empty(0, dtype=_I64)  # reused by _to_pages (grown, never shrunk)
+        self._ones = b""  # as many int64 ones as the scratch holds
         self.policy = make_policy(eviction_policy)
         self._next_id = 0
         self._tick = 0  # logical clock: every match/insert is one tick
@@ -146,7 +132,7 @@ class RadixTreeBase:
         elif node.host_seq:
             self._host_heap.discard(node)
 
-    def _common_tokens(self, child_key: bytes, data: bytes, off: int, end: int) -> int:
+    def _common_tokens(self, child_key: bytes, data: KeyBytes, off: int, end: int) -> int:
         """Whole-page tokens that ``child_key`` shares with ``data[off:end]``."""
         m = min(len(child_key), end - off) // TOKEN_BYTES
         a = np.frombuffer(child_key, dtype=_I64, count=m)
@@ -202,7 +188,7 @@ class RadixTreeBase:
         """The longest cached whole-page prefix of ``key``; splits a node where the match ends
         inside it, and refreshes access time and hit count along the matched path."""
         pb = self._pb
-        data = key.data
+        data = memoryview(key.data)  # slices below are views, never copies
         end = len(data) // pb * pb
         root = self._roots.get(key.extra_key)
         if root is None or not end:
@@ -215,11 +201,11 @@ class RadixTreeBase:
         dev: list[torch.Tensor] = []
         on_device = True
         while off < end:
-            child = node.children.get(data[off : off + pb])
+            child = node.children.get(bytes(data[off : off + pb]))
             if child is None:
                 break
             ck = child.key
-            cut = not data.startswith(ck, off)
+            cut = len(ck) > end - off or not ck.startswith(data[off : off + len(ck)])
             if cut:
                 child = self._split(child, self._common_tokens(ck, data, off, end))
                 ck = child.key
@@ -258,7 +244,7 @@ class RadixTreeBase:
         Returns (deepest matched node, matched bytes, aligned end, and the host-only nodes
         passed with the byte offset where each starts)."""
         pb = self._pb
-        data = key.data
+        data = memoryview(key.data)  # slices below are views, never copies
         end = len(data) // pb * pb
         node = self._root_for(key.extra_key)
         self._tick += 1
@@ -266,11 +252,11 @@ class RadixTreeBase:
         off = 0
         host_only: list[tuple[TreeNode, int]] = []
         while off < end:
-            child = node.children.get(data[off : off + pb])
+            child = node.children.get(bytes(data[off : off + pb]))
             if child is None:
                 break
             ck = child.key
-            if not data.startswith(ck, off):
+            if len(ck) > end - off or not ck.startswith(data[off : off + len(ck)]):
                 child = self._split(child, self._common_tokens(ck, data, off, end))
                 ck = child.key
             if priority > child.priority:
@@ -316,7 +302,7 @@ class RadixTreeBase:
         for h, h_pages in adopt:  # the KV was recomputed: keep the caller's copy
             self._set_device_copy(h, h_pages)
         if pages is not None:
-            new = self._new_node(key.data[off:end], node, _DEVICE, priority)
+            new = self._new_node(bytes(key.data[off:end]), node, _DEVICE, priority)
             new.device_pages = pages
             self._dev_evictable += new.num_tokens
             self._attach(node, new)
@@ -326,7 +312,44 @@ class RadixTreeBase:
         """The page indices of ``slots`` in a tensor the tree owns (``copy``) or a view."""
         if self.page_size == 1:
             return slots.clone() if copy else slots
-        return to_pages(slots, self.page_size, what)  # a new tensor already
+        return self._to_pages(slots, what)  # a new tensor already
+
+    def _to_pages(self, slots: torch.Tensor, what: str) -> torch.Tensor:
+        """The page indices of token ``slots`` (whole pages, each in order), or a
+        :class:`RadixInputError`. Vectorised, no per-token Python work, and on CPU no
+        temporary as long as ``slots``: fresh memory costs page faults, which dominated."""
+        size = self.page_size
+        if size == 1:
+            return slots
+        if slots.device.type == "cpu":
+            flat = slots.numpy()
+            first = flat[::size]
+            n = flat.size
+            if len(self._scratch) < n:
+                grown = max(n, 2 * len(self._scratch))
+                self._scratch = np.empty(grown, dtype=_I64)
+                self._ones = np.ones(grown, dtype=_I64).tobytes()
+            steps = self._scratch[: n - 1]
+            np.subtract(flat[1:], flat[:-1], out=steps)  # 1 inside a page, any across pages
+            steps[size - 1 :: size] = 1
+            ok = self._ones.startswith(memoryview(steps).cast("B"))  # all 1: one memcmp
+            if size & (size - 1) == 0:  # a power of two: shift and mask
+                shift = size.bit_length() - 1
+                ok = ok and not int(np.bitwise_or.reduce(first)) & (size - 1)
+                pages = torch.from_numpy(first >> shift)
+            else:
+                ok = ok and not (first % size).any()
+                pages = torch.from_numpy(first // size)
+        else:
+            pages = slots[::size] // size
+            offsets = torch.arange(size, dtype=torch.int64, device=slots.device)
+            ok = torch.equal(slots.view(-1, size), pages.unsqueeze(1) * size + offsets)
+        if not ok:
+            raise RadixInputError(
+                f"{what} must be whole pages of {size} slots, each in order from a multiple "
+                f"of {size} (as the paged pools allocate them)"
+            )
+        return pages
 
     def insert_host(
         self, key: RadixKey, host_indices: torch.Tensor, priority: int = 0, *, copy: bool = True
@@ -338,7 +361,7 @@ class RadixTreeBase:
         if off < end:
             part = host_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
             pages = self._own_pages(part, copy, "host_indices")
-            new = self._new_node(key.data[off:end], node, _HOST, priority)
+            new = self._new_node(bytes(key.data[off:end]), node, _HOST, priority)
             new.host_pages = pages
             self._host_evictable += new.num_tokens
             self._attach(node, new)
