@@ -208,7 +208,7 @@ class Session:
         aligned = slots.numel() // size * size
         duplicates = 0
         if aligned > hit.length:
-            key = RadixKey(self.key.data[: aligned * cache.token_bytes], self.key.extra_key)
+            key = self.key.prefix(aligned)  # a view: no copy of the prompt
             present = cache.tree.insert(key, slots[:aligned], self.priority)
             self._give_to_tree(new_slots, hit.length, present, aligned)
             duplicates = max(0, min(present, aligned) - hit.length)

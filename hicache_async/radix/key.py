@@ -53,24 +53,26 @@ def _from_numpy(a: np.ndarray[Any, Any]) -> bytes:
 def _view(token_ids: TokenIds) -> memoryview | None:
     """A read-only byte view of ``token_ids`` when they already are int64-LE in one contiguous
     buffer (no copy), else ``None``."""
+    view: memoryview
     if isinstance(token_ids, array):
-        ok = token_ids.typecode == "q" and _NATIVE_LE
+        if token_ids.typecode != "q" or not _NATIVE_LE:
+            return None
+        view = memoryview(token_ids)
     elif isinstance(token_ids, bytes):
-        ok = True
+        view = memoryview(token_ids)
     elif isinstance(token_ids, memoryview):
         if token_ids.format != "B":
             raise RadixInputError(
                 f"a memoryview of token ids must be int64-LE bytes (format 'B'), "
                 f"got format {token_ids.format!r}"
             )
-        ok = True
+        view = token_ids
     elif isinstance(token_ids, np.ndarray):
-        ok = token_ids.dtype == _I64 and token_ids.ndim == 1 and token_ids.flags.c_contiguous
+        if token_ids.dtype != _I64 or token_ids.ndim != 1:
+            return None
+        view = token_ids.data
     else:
         return None
-    if not ok:
-        return None
-    view = memoryview(token_ids)
     if not view.c_contiguous:
         return None
     view = view.cast("B").toreadonly()
@@ -163,7 +165,8 @@ class RadixKey:
         return self.data == other.data and self.extra_key == other.extra_key
 
     def __hash__(self) -> int:
-        return hash((self.data, self.extra_key))
+        data = self.data
+        return hash((data if isinstance(data, bytes) else bytes(data), self.extra_key))
 
     def token_ids(self) -> list[int]:
         """The token ids as Python ints (for display and KV events; not for hot paths)."""

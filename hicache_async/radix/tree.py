@@ -332,7 +332,7 @@ class RadixTreeBase:
             steps = self._scratch[: n - 1]
             np.subtract(flat[1:], flat[:-1], out=steps)  # 1 inside a page, any across pages
             steps[size - 1 :: size] = 1
-            ok = self._ones.startswith(memoryview(steps).cast("B"))  # all 1: one memcmp
+            ok = self._ones.startswith(steps.data.cast("B"))  # all 1: one memcmp
             if size & (size - 1) == 0:  # a power of two: shift and mask
                 shift = size.bit_length() - 1
                 ok = ok and not int(np.bitwise_or.reduce(first)) & (size - 1)
