@@ -7,6 +7,7 @@ import torch
 
 from hicache_async.errors import IndexStateError
 from hicache_async.radix import NodeState, RadixInputError, RadixKey, RadixTree, Tier
+from hicache_async.radix.tree import pages_of
 
 
 def slots(lo: int, n: int) -> torch.Tensor:
@@ -306,3 +307,38 @@ def test_split_keeps_the_written_flag() -> None:
     assert upper is not node
     assert upper.written
     assert node.written
+
+
+def test_nodes_keep_one_page_index_per_page() -> None:
+    tree = RadixTree(page_size=4)
+    tree.insert(RadixKey(range(10)), slots(8, 10))  # pages 2 and 3; the partial tail is not kept
+    r = tree.match_prefix(RadixKey(range(8)))
+    assert r.device_pages.tolist() == [2, 3]
+    assert r.device_indices.tolist() == list(range(8, 16))
+    assert r.device_hit_length == 8
+    node = r.last_device_node
+    assert node.device_pages is not None
+    assert node.device_pages.tolist() == [2, 3]
+    assert node.device_indices is not None
+    assert node.device_indices.tolist() == list(range(8, 16))
+    assert node.host_indices is None
+    tree.check()
+
+
+@pytest.mark.parametrize("page", [2, 3, 4])
+def test_page_checks_agree_on_every_path(page: int) -> None:
+    """The numpy check (CPU) and the torch one (other devices) accept and reject alike."""
+    tree = RadixTree(page_size=page)
+    good = torch.tensor([5, 1, 7], dtype=torch.int64).repeat_interleave(page) * page
+    good += torch.arange(page).repeat(3)
+    cases = [good, good.flip(0), good + 1, good.clone().index_fill_(0, torch.tensor([1]), 99)]
+    for case in cases:
+        pages, ok = pages_of(case, page)
+        try:
+            got = tree._to_pages(case, "slots")
+        except RadixInputError:
+            assert not ok
+        else:
+            assert ok
+            assert torch.equal(got, pages)
+    assert pages_of(good, page)[0].tolist() == [5, 1, 7]

@@ -38,6 +38,15 @@ _DEVICE_VALID = frozenset({NodeState.DEVICE, NodeState.BOTH, NodeState.BACKING_U
 _HOST_VALID = frozenset({NodeState.HOST, NodeState.BOTH, NodeState.LOADING})
 
 
+def pages_of(slots: torch.Tensor, page_size: int) -> tuple[torch.Tensor, bool]:
+    """The pages of token ``slots`` on any device (torch ops), and whether the slots are whole,
+    in-order pages."""
+    pages = slots[::page_size] // page_size
+    offsets = torch.arange(page_size, dtype=torch.int64, device=slots.device)
+    ok = torch.equal(slots.view(-1, page_size), pages.unsqueeze(1) * page_size + offsets)
+    return pages, ok
+
+
 def check_indices(indices: object, n_tokens: int, what: str) -> torch.Tensor:
     """``indices`` as a 1-D int64 tensor of ``n_tokens`` slots, or a :class:`RadixInputError`."""
     if not isinstance(indices, torch.Tensor):
@@ -319,7 +328,7 @@ class RadixTreeBase:
         :class:`RadixInputError`. Vectorised, no per-token Python work, and on CPU no
         temporary as long as ``slots``: fresh memory costs page faults, which dominated."""
         size = self.page_size
-        if size == 1:
+        if size == 1 or not slots.numel():
             return slots
         if slots.device.type == "cpu":
             flat = slots.numpy()
@@ -341,9 +350,7 @@ class RadixTreeBase:
                 ok = ok and not (first % size).any()
                 pages = torch.from_numpy(first // size)
         else:
-            pages = slots[::size] // size
-            offsets = torch.arange(size, dtype=torch.int64, device=slots.device)
-            ok = torch.equal(slots.view(-1, size), pages.unsqueeze(1) * size + offsets)
+            pages, ok = pages_of(slots, size)
         if not ok:
             raise RadixInputError(
                 f"{what} must be whole pages of {size} slots, each in order from a multiple "
