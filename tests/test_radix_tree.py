@@ -342,3 +342,19 @@ def test_page_checks_agree_on_every_path(page: int) -> None:
             assert ok
             assert torch.equal(got, pages)
     assert pages_of(good, page)[0].tolist() == [5, 1, 7]
+
+
+def test_page_one_keeps_int32_slots_when_they_fit() -> None:
+    tree = RadixTree(page_size=1)
+    tree.insert(RadixKey([1, 2]), slots(0, 2))
+    tree.insert(RadixKey([1, 2, 3]), torch.tensor([0, 1, 2**40]))  # does not fit: stays int64
+    r = tree.match_prefix(RadixKey([1, 2, 3]))
+    assert r.device_indices.dtype == torch.int64
+    assert r.device_indices.tolist() == [0, 1, 2**40]
+    first, second = tree.path(r.last_device_node)
+    assert first.device_pages is not None
+    assert first.device_pages.dtype == torch.int32
+    assert second.device_pages is not None
+    assert second.device_pages.dtype == torch.int64
+    assert tree.evict(3).device_indices.tolist() == [2**40, 0, 1]
+    tree.check()

@@ -14,11 +14,11 @@ __all__ = ["pages_to_slots", "slots_to_pages"]
 
 
 def pages_to_slots(pages: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Every token slot of ``pages``, page by page (int64)."""
+    """Every token slot of ``pages`` (any integer dtype), page by page (int64)."""
     if page_size == 1:
-        return pages
+        return pages.long()  # the same tensor when it is int64 already
     offsets = torch.arange(page_size, dtype=torch.int64, device=pages.device)
-    return (pages.unsqueeze(1) * page_size + offsets).reshape(-1)
+    return (pages.long().unsqueeze(1) * page_size + offsets).reshape(-1)
 
 
 def slots_to_pages(slots: torch.Tensor, page_size: int) -> torch.Tensor:

@@ -40,7 +40,8 @@ def _check_node(tree: RadixTree, x: TreeNode, pb: int) -> None:
         if holds != (idx is not None):
             _fail(f"{x!r} in state {st.name} has {tier}_pages={'set' if idx is not None else None}")
         pages = n // tree.page_size
-        if idx is not None and (idx.dtype != torch.int64 or idx.dim() != 1 or idx.numel() != pages):
+        bad_dtype = idx is not None and idx.dtype not in (torch.int64, torch.int32)
+        if idx is not None and (bad_dtype or idx.dim() != 1 or idx.numel() != pages):
             _fail(
                 f"{x!r} {tier}_pages shape {tuple(idx.shape)} dtype {idx.dtype} for {pages} pages"
             )

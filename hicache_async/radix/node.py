@@ -64,7 +64,8 @@ class TreeNode:
 
     Slots are kept per page (``device_pages``, ``host_pages``: page indices of the paged pools,
     token slot = page * page_size + offset), not per token: 16x less to store and copy at page
-    16. ``device_indices`` / ``host_indices`` expand them to token slots on demand.
+    16; at page 1 (a page is a token) as int32 when they fit. ``device_indices`` /
+    ``host_indices`` expand them to int64 token slots on demand.
     """
 
     __slots__ = (
@@ -106,7 +107,7 @@ class TreeNode:
         self.parent = parent  # None only for a namespace root
         self.children: dict[bytes, TreeNode] = {}  # keyed by the child's first page bytes
         self.state = state
-        self.device_pages: torch.Tensor | None = None  # int64 page indices, one per page
+        self.device_pages: torch.Tensor | None = None  # page indices (int64; int32 at page 1)
         self.host_pages: torch.Tensor | None = None
         self.device_lock_ref = 0
         self.host_lock_ref = 0
@@ -153,9 +154,9 @@ class MatchResult:
     """The longest cached prefix of a key.
 
     ``device_pages`` are the device pages of the leading run of device-valid nodes (ending at
-    ``last_device_node``), ``device_indices`` their token slots; ``host_hit_length`` more
-    tokens follow on host (ending at ``last_host_node``, which is ``last_device_node`` when
-    there is no host hit).
+    ``last_device_node``; int64, or int32 at page 1), ``device_indices`` their int64 token
+    slots; ``host_hit_length`` more tokens follow on host (ending at ``last_host_node``, which
+    is ``last_device_node`` when there is no host hit).
     """
 
     device_pages: torch.Tensor

@@ -29,6 +29,7 @@ from hicache_async.radix.policy import EvictionHeap, make_policy
 __all__ = ["RadixTreeBase"]
 
 _I64 = np.dtype("<i8")
+_I32_MAX = 2**31 - 1
 _DEVICE = NodeState.DEVICE
 _HOST = NodeState.HOST
 _BOTH = NodeState.BOTH
@@ -319,9 +320,17 @@ class RadixTreeBase:
 
     def _own_pages(self, slots: torch.Tensor, copy: bool, what: str) -> torch.Tensor:
         """The page indices of ``slots`` in a tensor the tree owns (``copy``) or a view."""
-        if self.page_size == 1:
-            return slots.clone() if copy else slots
-        return self._to_pages(slots, what)  # a new tensor already
+        if self.page_size > 1:
+            return self._to_pages(slots, what)  # a new tensor already
+        if not copy:
+            return slots
+        if slots.device.type == "cpu" and slots.numel():
+            # At page 1 a page is a token: int32 halves what the tree stores (fresh memory
+            # costs page faults); slots that do not fit stay int64.
+            flat = slots.numpy()
+            if int(flat.min()) >= 0 and int(flat.max()) <= _I32_MAX:
+                return torch.from_numpy(flat.astype(np.int32))
+        return slots.clone()
 
     def _to_pages(self, slots: torch.Tensor, what: str) -> torch.Tensor:
         """The page indices of token ``slots`` (whole pages, each in order), or a
