@@ -177,13 +177,24 @@ class MatchResult:
 
 @dataclass(slots=True)
 class EvictResult:
-    """What an eviction did. The caller frees the slots and emits KV events for the nodes."""
+    """What an eviction did. The caller frees the pages and emits KV events for the nodes."""
 
-    device_indices: torch.Tensor  # device slots to free
-    host_indices: torch.Tensor  # host slots to free
+    device_pages: torch.Tensor  # int64 device pages to free
+    host_pages: torch.Tensor  # int64 host pages to free
+    page_size: int = 1
     removed: list[TreeNode] = field(default_factory=list)  # left the tree (state REMOVED)
     # Of ``removed``, those that had a device / a host copy (for per-medium KV events).
     removed_device: list[TreeNode] = field(default_factory=list)
     removed_host: list[TreeNode] = field(default_factory=list)
     demoted: list[TreeNode] = field(default_factory=list)  # lost their device copy, now HOST
     num_pages: int = 0  # pages evicted from the tier asked for
+
+    @property
+    def device_indices(self) -> torch.Tensor:
+        """The freed device pages as int64 token slots (built on each call)."""
+        return pages_to_slots(self.device_pages, self.page_size)
+
+    @property
+    def host_indices(self) -> torch.Tensor:
+        """The freed host pages as int64 token slots (built on each call)."""
+        return pages_to_slots(self.host_pages, self.page_size)

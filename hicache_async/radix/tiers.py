@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from hicache_async.errors import IndexStateError
-from hicache_async.memory.slots import pages_to_slots
 from hicache_async.radix.node import EvictResult, NodeState, TreeNode
 from hicache_async.radix.tree import RadixTreeBase, check_indices
 
@@ -41,11 +40,10 @@ class RadixTree(RadixTreeBase):
     # ----------------------------------------------------------------------- eviction
 
     def _cat(self, parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
-        """Token slots of the page tensors ``parts``."""
+        """The page tensors ``parts`` as one int64 tensor (what the allocators take)."""
         if not parts:
             return empty
-        pages = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return pages_to_slots(pages, self.page_size)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).long()
 
     def evict(self, n_pages: int, keep_host: bool = True) -> EvictResult:
         """Evict up to ``n_pages`` device pages from unlocked device leaves, policy order.
@@ -53,13 +51,13 @@ class RadixTree(RadixTreeBase):
         A node that also has a host copy becomes host-only when ``keep_host``; otherwise (or
         when it has no host copy) it leaves the tree with any host-only nodes below it, whose
         host slots are returned too. Nodes whose removal would drop a host-locked copy are
-        skipped. The caller frees ``device_indices`` / ``host_indices``.
+        skipped. The caller frees ``device_pages`` / ``host_pages``.
         """
         need = n_pages * self.page_size
         done = 0
         dev: list[torch.Tensor] = []
         host: list[torch.Tensor] = []
-        result = EvictResult(self._empty, self._empty_host)
+        result = EvictResult(self._empty, self._empty_host, self.page_size)
         skipped: list[TreeNode] = []
         heap = self._dev_heap
         while done < need:
@@ -82,8 +80,8 @@ class RadixTree(RadixTreeBase):
             done += n
         for node in skipped:
             self._refresh(node)
-        result.device_indices = self._cat(dev, self._empty)
-        result.host_indices = self._cat(host, self._empty_host)
+        result.device_pages = self._cat(dev, self._empty)
+        result.host_pages = self._cat(host, self._empty_host)
         result.num_pages = done // self.page_size
         return result
 
@@ -100,7 +98,7 @@ class RadixTree(RadixTreeBase):
         done = 0
         dev: list[torch.Tensor] = []
         host: list[torch.Tensor] = []
-        result = EvictResult(self._empty, self._empty_host)
+        result = EvictResult(self._empty, self._empty_host, self.page_size)
         heap = self._host_heap
         while done < need:
             node = heap.pop()
@@ -112,7 +110,7 @@ class RadixTree(RadixTreeBase):
                 n = need - done
             self._remove_subtree(node, dev, host, result)
             done += n
-        result.host_indices = self._cat(host, self._empty_host)
+        result.host_pages = self._cat(host, self._empty_host)
         result.num_pages = done // self.page_size
         return result
 
@@ -285,12 +283,12 @@ class RadixTree(RadixTreeBase):
             )
         dev: list[torch.Tensor] = []
         host: list[torch.Tensor] = []
-        result = EvictResult(self._empty, self._empty_host)
+        result = EvictResult(self._empty, self._empty_host, self.page_size)
         for root in list(self._roots.values()):
             for child in list(root.children.values()):
                 self._remove_subtree(child, dev, host, result)
-        result.device_indices = self._cat(dev, self._empty)
-        result.host_indices = self._cat(host, self._empty_host)
+        result.device_pages = self._cat(dev, self._empty)
+        result.host_pages = self._cat(host, self._empty_host)
         result.num_pages = sum(n.num_tokens for n in result.removed) // self.page_size
         return result
 

@@ -38,6 +38,11 @@ class PagedTier(abc.ABC):
         if slots.numel():
             self.allocator.free(slots_to_pages(slots.cpu(), self.page_size))
 
+    def free_pages(self, pages: torch.Tensor) -> None:
+        """Return int64 page indices to the pool (what tree evictions hand back)."""
+        if pages.numel():
+            self.allocator.free(pages.cpu())
+
     @abc.abstractmethod
     def evict(self, n_pages: int) -> int:
         """Evict up to ``n_pages`` pages of this tier; returns how many were freed."""
