@@ -329,7 +329,7 @@ class RadixTreeBase:
             # costs page faults); slots that do not fit stay int64.
             flat = slots.numpy()
             if int(flat.min()) >= 0 and int(flat.max()) <= _I32_MAX:
-                return slots.to(torch.int32)  # a torch copy: no numpy array kept per node
+                return torch.from_numpy(flat.astype(np.int32))  # timed faster than .to
         return slots.clone()
 
     def _to_pages(self, slots: torch.Tensor, what: str) -> torch.Tensor:
