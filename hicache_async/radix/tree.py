@@ -44,7 +44,7 @@ def pages_of(slots: torch.Tensor, page_size: int) -> tuple[torch.Tensor, bool]:
     in-order pages."""
     pages = slots[::page_size] // page_size
     offsets = torch.arange(page_size, dtype=torch.int64, device=slots.device)
-    ok = torch.equal(slots.view(-1, page_size), pages.unsqueeze(1) * page_size + offsets)
+    ok = torch.equal(slots.reshape(-1, page_size), pages.unsqueeze(1) * page_size + offsets)
     return pages, ok
 
 
