@@ -5,7 +5,9 @@ noisy VM the position in the process (heap growth, first-touch page faults, neig
 moved figures by up to 6x between runs. Here every request is matched and inserted by both
 implementations back to back (rotating which goes first), so both see the same machine state;
 the per-op ratio is the figure to trust. ``--impls`` with one name interleaves only that
-implementation's page sizes (its standalone figures, without the other's cache pollution).
+implementation's page sizes (its standalone figures, without the other's cache pollution);
+``hicache_async_slots`` is our adapter with per-token hit slots built on every match (see
+``peers_adapter.py``).
 Run it with the peers venv:
 
     PYTHONPATH=. $PEERS_VENV/bin/python benchmarks/bench_radix_interleaved.py \
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -36,7 +40,7 @@ def main() -> None:
     import bench_radix as br  # the peers harness: its trace loader and SGLang adapter
     import torch
 
-    from benchmarks.peers_adapter import make_cache
+    from benchmarks.peers_adapter import make_cache, make_cache_slots
 
     ns = argparse.Namespace(
         trace=a.trace or f"{a.peers_dir}/../data/mooncake_fast25_conversation_trace.jsonl",
@@ -46,7 +50,12 @@ def main() -> None:
     )
     reqs = br.load_trace(ns, None)
     values = torch.arange(max(len(f) for _, f in reqs), dtype=torch.int64)
-    makers = {"sglang": br.SGLangRadix, "hicache_async": make_cache}
+    makers = {
+        "sglang": br.SGLangRadix,
+        "hicache_async": make_cache,
+        "hicache_async_slots": make_cache_slots,
+    }
+    load0 = os.getloadavg()
     combos = [(i, int(p)) for i in a.impls.split(",") for p in a.page_sizes.split(",")]
     caches = [makers[i](p) for i, p in combos]
     t: list[dict[str, list[float]]] = [{"match": [], "insert": []} for _ in combos]
@@ -108,8 +117,18 @@ def main() -> None:
         cells = [f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
         print("| " + " | ".join(cells) + " |")
     if a.json:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+        meta = {
+            "commit": commit,
+            "env": env,
+            "loadavg_before": load0,
+            "loadavg_after": os.getloadavg(),
+        }
         with open(a.json, "w") as f:
-            json.dump({"argv": sys.argv, "rows": rows}, f, indent=1)
+            json.dump({"argv": sys.argv, "meta": meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

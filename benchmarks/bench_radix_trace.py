@@ -80,7 +80,7 @@ def replay(
     cap_tokens = capacity_pages * page_tokens
     for (n_in, hids), toks in zip(reqs, tokens, strict=True):
         t0 = pc()
-        key = RadixKey(toks)
+        key = RadixKey(toks, copy=False)  # a view of the token array: no copy
         m = tree.match_prefix(key)
         t1 = pc()
         tree.insert(key, values[: len(toks)])

@@ -3,9 +3,16 @@
     PYTHONPATH=. $PEERS_VENV/bin/python ../shared/peers/bench_radix.py --workload trace \
         --page-sizes 16,1 --impl sglang,benchmarks.peers_adapter:make_cache
 
-``match`` and ``insert`` build a :class:`RadixKey` from the ``array('q')`` each time (as SGLang's
-adapter builds its ``RadixKey``), so the int64 -> int32 conversion is inside the timed calls. No
-page hashes are computed (SGLang's ``RadixCache`` computes none either).
+What each call does, next to SGLang's ``RadixCache`` (same workload, same inputs):
+
+- keys: ``RadixKey(tokens, copy=False)`` views the ``array('q')`` (SGLang's ``RadixKey`` keeps the
+  caller's array too); the tree copies the token bytes it stores, as SGLang copies key slices.
+- insert: takes the per-token slot tensor; the tree checks that its whole pages are whole,
+  in-order pool pages and keeps one page index per page (SGLang clones the per-token slots).
+- match: concatenates the matched nodes' page tensors (SGLang concatenates per-token slots) and
+  returns the hit length. ``make_cache_slots`` also expands them to per-token slots
+  (``MatchResult.device_indices``), the same result SGLang builds.
+- no page hashes (SGLang's ``RadixCache`` computes none either).
 """
 
 from __future__ import annotations
@@ -23,10 +30,10 @@ class HiCacheRadix:
         self.tree = RadixTree(page_size=page_size)
 
     def match(self, tokens: array[int]) -> int:
-        return self.tree.match_prefix(RadixKey(tokens)).device_hit_length
+        return self.tree.match_prefix(RadixKey(tokens, copy=False)).device_hit_length
 
     def insert(self, tokens: array[int], value: torch.Tensor) -> int:
-        return self.tree.insert(RadixKey(tokens), value)
+        return self.tree.insert(RadixKey(tokens, copy=False), value)
 
     def stats(self) -> dict[str, Any]:
         nodes = 0
@@ -41,5 +48,17 @@ class HiCacheRadix:
         }
 
 
+class HiCacheRadixSlots(HiCacheRadix):
+    """Match also builds the per-token slot tensor of the hit."""
+
+    def match(self, tokens: array[int]) -> int:
+        r = self.tree.match_prefix(RadixKey(tokens, copy=False))
+        return int(r.device_indices.numel())
+
+
 def make_cache(page_size: int) -> HiCacheRadix:
     return HiCacheRadix(page_size)
+
+
+def make_cache_slots(page_size: int) -> HiCacheRadix:
+    return HiCacheRadixSlots(page_size)

@@ -279,9 +279,7 @@ class Session:
         aligned = n // size * size
         duplicates = 0
         if aligned > hit.length:
-            key = self.key
-            if aligned < n_tokens:
-                key = RadixKey(key.data[: aligned * cache.token_bytes], key.extra_key)
+            key = self.key.prefix(aligned) if aligned < n_tokens else self.key  # a view
             if aligned < n:
                 slots = slots[:aligned]
             present = cache.tree.insert(key, slots, self.priority, copy=not fresh)

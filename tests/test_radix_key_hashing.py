@@ -40,13 +40,37 @@ def _simple_chain(tokens: list[int], page: int, extra: str | None = None) -> lis
         torch.tensor([1, 2, 3, 70000], dtype=torch.int32),
     ],
 )
-def test_key_from_any_int_sequence(ids: object) -> None:
-    key = RadixKey(ids)  # type: ignore[arg-type]
+@pytest.mark.parametrize("copy", [True, False])
+def test_key_from_any_int_sequence(ids: object, copy: bool) -> None:
+    key = RadixKey(ids, copy=copy)  # type: ignore[arg-type]
     assert key.data == struct.pack("<4q", 1, 2, 3, 70000)
     assert len(key) == 4
     assert key.token_ids() == [1, 2, 3, 70000]
     assert key == RadixKey([1, 2, 3, 70000])
+    assert hash(key) == hash(RadixKey([1, 2, 3, 70000]))
     assert key != RadixKey([1, 2, 3, 70000], extra_key="x")
+
+
+def test_key_without_copy_views_the_callers_buffer() -> None:
+    ids = array("q", [1, 2, 3, 4])
+    key = RadixKey(ids, copy=False)
+    ids[0] = 9  # the caller promised not to; a view sees it
+    assert key.token_ids() == [9, 2, 3, 4]
+    with pytest.raises(BufferError):
+        ids.append(5)  # an array cannot be resized while a key views it
+    assert RadixKey(ids).token_ids() == [9, 2, 3, 4]  # the default copies
+    head = key.prefix(2)
+    assert head.token_ids() == [9, 2]
+    assert head.extra_key is None
+    with pytest.raises(RadixInputError, match="prefix of 5 tokens"):
+        key.prefix(5)
+    with pytest.raises(RadixInputError, match="format 'B'"):
+        RadixKey(memoryview(ids), copy=False)
+    tree = RadixTree(page_size=2)
+    tree.insert(key, torch.arange(4))
+    ids[1] = 7  # the tree stored its own copy
+    assert tree.match_prefix(RadixKey([9, 2, 3, 4])).device_hit_length == 4
+    tree.check()
 
 
 @pytest.mark.parametrize(

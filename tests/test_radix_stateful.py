@@ -37,7 +37,7 @@ class RadixMachine(RuleBasedStateMachine):
         self.dev_locks: list[tuple[TreeNode, list[Page]]] = []
         self.host_locks: list[tuple[TreeNode, list[Page]]] = []
         self.next_dev = 0
-        self.next_host = 10**6
+        self.next_host = 6 * 10**5  # a multiple of every page size drawn
         self.last: tuple[RadixKey, object] | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -56,10 +56,12 @@ class RadixMachine(RuleBasedStateMachine):
         return self.pages(key.token_ids(), key.extra_key)
 
     def fresh(self, n: int, host: bool = False) -> torch.Tensor:
+        """Slots of whole fresh pages, as the paged pools allocate them (the tree keeps pages)."""
+        used = -(-n // self.P) * self.P
         if host:
-            lo, self.next_host = self.next_host, self.next_host + n
+            lo, self.next_host = self.next_host, self.next_host + used
         else:
-            lo, self.next_dev = self.next_dev, self.next_dev + n
+            lo, self.next_dev = self.next_dev, self.next_dev + used
         return torch.arange(lo, lo + n, dtype=torch.int64)
 
     def locked(self, locks: list[tuple[TreeNode, list[Page]]]) -> set[Page]:

@@ -7,6 +7,7 @@ import torch
 
 from hicache_async.errors import IndexStateError
 from hicache_async.radix import NodeState, RadixInputError, RadixKey, RadixTree, Tier
+from hicache_async.radix.tree import pages_of
 
 
 def slots(lo: int, n: int) -> torch.Tensor:
@@ -230,6 +231,10 @@ def test_bad_indices_are_clear_errors() -> None:
         tree.insert(key, slots(0, 3))
     with pytest.raises(RadixInputError, match=r"torch\.Tensor"):
         tree.insert(key, [0, 1, 2, 3])  # type: ignore[arg-type]
+    with pytest.raises(RadixInputError, match="whole pages of 2 slots"):
+        tree.insert(key, slots(1, 4))  # pages start at multiples of the page size
+    with pytest.raises(RadixInputError, match="whole pages of 2 slots"):
+        tree.insert(key, torch.tensor([0, 1, 3, 2]))  # in order inside a page
     with pytest.raises(RadixInputError, match="page_size"):
         RadixTree(page_size=0)
     tree.check()
@@ -302,3 +307,54 @@ def test_split_keeps_the_written_flag() -> None:
     assert upper is not node
     assert upper.written
     assert node.written
+
+
+def test_nodes_keep_one_page_index_per_page() -> None:
+    tree = RadixTree(page_size=4)
+    tree.insert(RadixKey(range(10)), slots(8, 10))  # pages 2 and 3; the partial tail is not kept
+    r = tree.match_prefix(RadixKey(range(8)))
+    assert r.device_pages.tolist() == [2, 3]
+    assert r.device_indices.tolist() == list(range(8, 16))
+    assert r.device_hit_length == 8
+    node = r.last_device_node
+    assert node.device_pages is not None
+    assert node.device_pages.tolist() == [2, 3]
+    assert node.device_indices is not None
+    assert node.device_indices.tolist() == list(range(8, 16))
+    assert node.host_indices is None
+    tree.check()
+
+
+@pytest.mark.parametrize("page", [2, 3, 4])
+def test_page_checks_agree_on_every_path(page: int) -> None:
+    """The numpy check (CPU) and the torch one (other devices) accept and reject alike."""
+    tree = RadixTree(page_size=page)
+    good = torch.tensor([5, 1, 7], dtype=torch.int64).repeat_interleave(page) * page
+    good += torch.arange(page).repeat(3)
+    cases = [good, good.flip(0), good + 1, good.clone().index_fill_(0, torch.tensor([1]), 99)]
+    for case in cases:
+        pages, ok = pages_of(case, page)
+        try:
+            got = tree._to_pages(case, "slots")
+        except RadixInputError:
+            assert not ok
+        else:
+            assert ok
+            assert torch.equal(got, pages)
+    assert pages_of(good, page)[0].tolist() == [5, 1, 7]
+
+
+def test_page_one_keeps_int32_slots_when_they_fit() -> None:
+    tree = RadixTree(page_size=1)
+    tree.insert(RadixKey([1, 2]), slots(0, 2))
+    tree.insert(RadixKey([1, 2, 3]), torch.tensor([0, 1, 2**40]))  # does not fit: stays int64
+    r = tree.match_prefix(RadixKey([1, 2, 3]))
+    assert r.device_indices.dtype == torch.int64
+    assert r.device_indices.tolist() == [0, 1, 2**40]
+    first, second = tree.path(r.last_device_node)
+    assert first.device_pages is not None
+    assert first.device_pages.dtype == torch.int32
+    assert second.device_pages is not None
+    assert second.device_pages.dtype == torch.int64
+    assert tree.evict(3).device_indices.tolist() == [2**40, 0, 1]
+    tree.check()

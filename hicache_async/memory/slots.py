@@ -32,13 +32,14 @@ def _offsets(page_size: int) -> np.ndarray[Any, np.dtype[np.int64]]:
 
 
 def pages_to_slots(pages: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Every token slot of ``pages``, page by page (int64)."""
+    """Every token slot of ``pages`` (any integer dtype), page by page (int64)."""
     if page_size == 1:
-        return pages
+        return pages.long()  # the same tensor when it is int64 already
     if pages.is_cpu:
-        return torch.from_numpy((pages.numpy()[:, None] * page_size + _offsets(page_size)).ravel())
+        flat = pages.long().numpy()
+        return torch.from_numpy((flat[:, None] * page_size + _offsets(page_size)).ravel())
     offsets = torch.arange(page_size, dtype=torch.int64, device=pages.device)
-    return (pages.unsqueeze(1) * page_size + offsets).reshape(-1)
+    return (pages.long().unsqueeze(1) * page_size + offsets).reshape(-1)
 
 
 def slots_to_pages(slots: torch.Tensor, page_size: int) -> torch.Tensor:

@@ -34,15 +34,17 @@ def _check_node(tree: RadixTree, x: TreeNode, pb: int) -> None:
     if parent.children.get(x.key[:pb]) is not x:
         _fail(f"{x!r} is not filed under its first page in its parent {parent!r}")
     for tier, idx, holds in (
-        ("device", x.device_indices, st.holds_device),
-        ("host", x.host_indices, st.holds_host),
+        ("device", x.device_pages, st.holds_device),
+        ("host", x.host_pages, st.holds_host),
     ):
         if holds != (idx is not None):
+            _fail(f"{x!r} in state {st.name} has {tier}_pages={'set' if idx is not None else None}")
+        pages = n // tree.page_size
+        bad_dtype = idx is not None and idx.dtype not in (torch.int64, torch.int32)
+        if idx is not None and (bad_dtype or idx.dim() != 1 or idx.numel() != pages):
             _fail(
-                f"{x!r} in state {st.name} has {tier}_indices={'set' if idx is not None else None}"
+                f"{x!r} {tier}_pages shape {tuple(idx.shape)} dtype {idx.dtype} for {pages} pages"
             )
-        if idx is not None and (idx.dtype != torch.int64 or idx.dim() != 1 or idx.numel() != n):
-            _fail(f"{x!r} {tier}_indices shape {tuple(idx.shape)} dtype {idx.dtype} for {n} tokens")
     if x.device_lock_ref < 0 or x.host_lock_ref < 0:
         _fail(f"{x!r} has a negative lock ref")
     if parent.parent is not None:
@@ -88,11 +90,11 @@ def check_tree(tree: RadixTree) -> None:
             stack.extend(x.children.values())
             _check_node(tree, x, pb)
             n = x.num_tokens
-            if x.device_indices is not None:
-                dev_idx.append(x.device_indices)
+            if x.device_pages is not None:
+                dev_idx.append(x.device_pages)
                 sizes["dev_p" if x.device_lock_ref else "dev_e"] += n
-            if x.host_indices is not None:
-                host_idx.append(x.host_indices)
+            if x.host_pages is not None:
+                host_idx.append(x.host_pages)
                 sizes["host_p" if x.host_lock_ref else "host_e"] += n
             if x.dev_seq:
                 dev_members.add(id(x))
@@ -110,7 +112,7 @@ def check_tree(tree: RadixTree) -> None:
         if parts:
             allidx = torch.cat(parts)
             if torch.unique(allidx).numel() != allidx.numel():
-                _fail(f"a {tier} slot is owned by more than one node")
+                _fail(f"a {tier} page is owned by more than one node")
     for name, heap, members in (
         ("device", tree._dev_heap, dev_members),
         ("host", tree._host_heap, host_members),

@@ -24,7 +24,7 @@ __all__ = ["hash_pages", "page_hashes"]
 
 
 def hash_pages(
-    data: bytes,
+    data: bytes | memoryview,
     page_size: int,
     extra_key: str | None = None,
     parent_hash: str | None = None,
@@ -35,9 +35,9 @@ def hash_pages(
     ids = np.frombuffer(data, dtype="<i8")
     if ids.size and (int(ids.min()) < _I32_MIN or int(ids.max()) > _I32_MAX):
         raise RadixInputError("page hashes need token ids that fit in int32")
-    data = ids.astype("<i4").tobytes()
+    narrow = ids.astype("<i4").tobytes()
     step = page_size * 4
-    n = len(data) // step * step
+    n = len(narrow) // step * step
     out: list[str] = []
     sha = hashlib.sha256
     if parent_hash is not None:
@@ -45,7 +45,7 @@ def hash_pages(
     else:
         prev = b"" if extra_key is None else extra_key.encode()
     for off in range(0, n, step):
-        digest = sha(prev + data[off : off + step]).digest()
+        digest = sha(prev + narrow[off : off + step]).digest()
         out.append(digest.hex())
         prev = digest
     return out

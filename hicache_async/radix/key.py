@@ -1,10 +1,11 @@
 """Radix keys: token ids stored compactly, plus the namespace they live in.
 
-A :class:`RadixKey` keeps its token ids as int64 little-endian ``bytes``: the width every
+A :class:`RadixKey` keeps its token ids as int64 little-endian bytes: the width every
 framework already hands over (``array('q')``, int64 tensors and numpy arrays), so building a key is
-one ``memcpy`` with no range check. The tree compares keys with ``bytes.startswith`` and dict
-look-ups on the first page's bytes, so matching is C-level ``memcmp`` with no per-token Python
-work. (Page hashes narrow the ids to int32 lazily, off the hot path.)
+one ``memcpy`` with no range check, or no copy at all with ``copy=False`` (a read-only view of the
+caller's buffer). The tree compares keys with ``bytes.startswith`` and dict look-ups on the first
+page's bytes, so matching is C-level ``memcmp`` with no per-token Python work. (Page hashes narrow
+the ids to int32 lazily, off the hot path.)
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ _I64 = np.dtype("<i8")
 _I64_MAX = 2**63 - 1
 _NATIVE_LE = sys.byteorder == "little"
 
-TokenIds: TypeAlias = "Sequence[int] | array[Any] | np.ndarray[Any, Any] | torch.Tensor | bytes"
+TokenIds: TypeAlias = (
+    "Sequence[int] | array[Any] | np.ndarray[Any, Any] | torch.Tensor | bytes | memoryview"
+)
+KeyBytes: TypeAlias = "bytes | memoryview"  # int64-LE token bytes; a view is read-only, format B
 
 
 class RadixInputError(HiCacheError, ValueError):
@@ -46,8 +50,46 @@ def _from_numpy(a: np.ndarray[Any, Any]) -> bytes:
     return a.astype(_I64).tobytes()
 
 
+def _view(token_ids: TokenIds) -> memoryview | None:
+    """A read-only byte view of ``token_ids`` when they already are int64-LE in one contiguous
+    buffer (no copy), else ``None``."""
+    view: memoryview
+    if isinstance(token_ids, array):
+        if token_ids.typecode != "q" or not _NATIVE_LE:
+            return None
+        view = memoryview(token_ids)
+    elif isinstance(token_ids, bytes):
+        view = memoryview(token_ids)
+    elif isinstance(token_ids, memoryview):
+        if token_ids.format != "B":
+            raise RadixInputError(
+                f"a memoryview of token ids must be int64-LE bytes (format 'B'), "
+                f"got format {token_ids.format!r}"
+            )
+        view = token_ids
+    elif isinstance(token_ids, np.ndarray):
+        if token_ids.dtype != _I64 or token_ids.ndim != 1:
+            return None
+        view = token_ids.data
+    else:
+        return None
+    if not view.c_contiguous:
+        return None
+    view = view.cast("B").toreadonly()
+    if len(view) % TOKEN_BYTES:
+        raise RadixInputError(
+            f"token bytes must be a multiple of {TOKEN_BYTES} long, got {len(view)}"
+        )
+    return view
+
+
 def tokens_to_bytes(token_ids: TokenIds) -> bytes:
     """Token ids (list, ``array``, numpy array, tensor, or int64-LE bytes) -> int64-LE bytes."""
+    if isinstance(token_ids, memoryview):
+        view = _view(token_ids)
+        if view is None:
+            raise RadixInputError("a memoryview of token bytes must be C-contiguous")
+        return view.tobytes()
     if isinstance(token_ids, bytes):
         if len(token_ids) % TOKEN_BYTES:
             raise RadixInputError(
@@ -81,20 +123,38 @@ class RadixKey:
     """Token ids plus an optional namespace (``extra_key``: tenant, LoRA id, cache salt, ...).
 
     Keys with different ``extra_key`` values never share a node of the tree.
+
+    ``copy=False`` views int64-LE input (``array('q')``, a C-contiguous int64 numpy array,
+    ``bytes``, ``memoryview``) instead of copying it: no per-call copy of a long prompt (other
+    inputs are converted as usual). The caller must not change those token ids while the key is
+    in use; while it lives, an ``array`` cannot be resized (Python refuses while a view exists).
+    The tree copies what it stores.
     """
 
     __slots__ = ("data", "extra_key")
 
-    data: bytes  # int64 little-endian token ids
+    data: KeyBytes  # int64 little-endian token ids
     extra_key: str | None
 
-    def __init__(self, token_ids: TokenIds, extra_key: str | None = None) -> None:
+    def __init__(
+        self, token_ids: TokenIds, extra_key: str | None = None, *, copy: bool = True
+    ) -> None:
         if extra_key is not None and not isinstance(extra_key, str):
             raise RadixInputError(
                 f"extra_key must be a str or None, got {type(extra_key).__name__}"
             )
-        self.data = tokens_to_bytes(token_ids)
+        view = None if copy else _view(token_ids)
+        self.data = tokens_to_bytes(token_ids) if view is None else view
         self.extra_key = extra_key
+
+    def prefix(self, n_tokens: int) -> RadixKey:
+        """The key of the first ``n_tokens`` tokens, viewing this key's bytes (no copy)."""
+        if not 0 <= n_tokens <= len(self):
+            raise RadixInputError(f"prefix of {n_tokens} tokens of a {len(self)}-token key")
+        key = RadixKey.__new__(RadixKey)
+        key.data = memoryview(self.data)[: n_tokens * TOKEN_BYTES]
+        key.extra_key = self.extra_key
+        return key
 
     def __len__(self) -> int:
         return len(self.data) // TOKEN_BYTES
@@ -105,7 +165,8 @@ class RadixKey:
         return self.data == other.data and self.extra_key == other.extra_key
 
     def __hash__(self) -> int:
-        return hash((self.data, self.extra_key))
+        data = self.data
+        return hash((data if isinstance(data, bytes) else bytes(data), self.extra_key))
 
     def token_ids(self) -> list[int]:
         """The token ids as Python ints (for display and KV events; not for hot paths)."""

@@ -7,6 +7,7 @@ from enum import Enum, StrEnum
 
 import torch
 
+from hicache_async.memory.slots import pages_to_slots
 from hicache_async.radix.key import TOKEN_BYTES
 
 __all__ = ["EvictResult", "MatchResult", "NodeState", "Tier", "TreeNode"]
@@ -59,24 +60,31 @@ _HOST_VALID = frozenset({NodeState.HOST, NodeState.BOTH, NodeState.LOADING})
 
 
 class TreeNode:
-    """One run of whole pages. Created and mutated only by :class:`RadixTree`; read freely."""
+    """One run of whole pages. Created and mutated only by :class:`RadixTree`; read freely.
+
+    Slots are kept per page (``device_pages``, ``host_pages``: page indices of the paged pools,
+    token slot = page * page_size + offset), not per token: 16x less to store and copy at page
+    16; at page 1 (a page is a token) as int32 when they fit. ``device_indices`` /
+    ``host_indices`` expand them to int64 token slots on demand.
+    """
 
     __slots__ = (
         "children",
         "created",
         "dev_seq",
-        "device_indices",
         "device_lock_ref",
+        "device_pages",
         "extra_key",
         "hashes",
         "hit_count",
-        "host_indices",
         "host_lock_ref",
+        "host_pages",
         "host_seq",
         "id",
         "key",
         "last_access",
         "n_dev_children",
+        "page_size",
         "parent",
         "priority",
         "state",
@@ -91,14 +99,16 @@ class TreeNode:
         state: NodeState,
         tick: int,
         priority: int = 0,
+        page_size: int = 1,
     ) -> None:
         self.id = node_id  # from the tree's own counter
+        self.page_size = page_size
         self.key = key  # int64-LE token bytes of this node's span
         self.parent = parent  # None only for a namespace root
         self.children: dict[bytes, TreeNode] = {}  # keyed by the child's first page bytes
         self.state = state
-        self.device_indices: torch.Tensor | None = None  # int64 token slots, one per token
-        self.host_indices: torch.Tensor | None = None
+        self.device_pages: torch.Tensor | None = None  # page indices (int64; int32 at page 1)
+        self.host_pages: torch.Tensor | None = None
         self.device_lock_ref = 0
         self.host_lock_ref = 0
         self.n_dev_children = 0  # children whose state holds device slots: O(1) leaf test
@@ -120,6 +130,18 @@ class TreeNode:
     def is_root(self) -> bool:
         return self.parent is None
 
+    @property
+    def device_indices(self) -> torch.Tensor | None:
+        """Device token slots, one per token (built from ``device_pages`` on each call)."""
+        p = self.device_pages
+        return None if p is None else pages_to_slots(p, self.page_size)
+
+    @property
+    def host_indices(self) -> torch.Tensor | None:
+        """Host token slots, one per token (built from ``host_pages`` on each call)."""
+        p = self.host_pages
+        return None if p is None else pages_to_slots(p, self.page_size)
+
     def __repr__(self) -> str:
         return (
             f"TreeNode(id={self.id}, tokens={self.num_tokens}, state={self.state.name}, "
@@ -131,30 +153,48 @@ class TreeNode:
 class MatchResult:
     """The longest cached prefix of a key.
 
-    ``device_indices`` are the device slots of the leading run of device-valid nodes (ending at
-    ``last_device_node``); ``host_hit_length`` more tokens follow on host (ending at
-    ``last_host_node``, which is ``last_device_node`` when there is no host hit).
+    ``device_pages`` are the device pages of the leading run of device-valid nodes (ending at
+    ``last_device_node``; int64, or int32 at page 1), ``device_indices`` their int64 token
+    slots; ``host_hit_length`` more tokens follow on host (ending at ``last_host_node``, which
+    is ``last_device_node`` when there is no host hit).
     """
 
-    device_indices: torch.Tensor
+    device_pages: torch.Tensor
     last_device_node: TreeNode
     last_host_node: TreeNode
     host_hit_length: int = 0
+    page_size: int = 1
 
     @property
     def device_hit_length(self) -> int:
-        return int(self.device_indices.numel())
+        return int(self.device_pages.numel()) * self.page_size
+
+    @property
+    def device_indices(self) -> torch.Tensor:
+        """Device token slots of the hit, one per token (built on each call)."""
+        return pages_to_slots(self.device_pages, self.page_size)
 
 
 @dataclass(slots=True)
 class EvictResult:
-    """What an eviction did. The caller frees the slots and emits KV events for the nodes."""
+    """What an eviction did. The caller frees the pages and emits KV events for the nodes."""
 
-    device_indices: torch.Tensor  # device slots to free
-    host_indices: torch.Tensor  # host slots to free
+    device_pages: torch.Tensor  # int64 device pages to free
+    host_pages: torch.Tensor  # int64 host pages to free
+    page_size: int = 1
     removed: list[TreeNode] = field(default_factory=list)  # left the tree (state REMOVED)
     # Of ``removed``, those that had a device / a host copy (for per-medium KV events).
     removed_device: list[TreeNode] = field(default_factory=list)
     removed_host: list[TreeNode] = field(default_factory=list)
     demoted: list[TreeNode] = field(default_factory=list)  # lost their device copy, now HOST
     num_pages: int = 0  # pages evicted from the tier asked for
+
+    @property
+    def device_indices(self) -> torch.Tensor:
+        """The freed device pages as int64 token slots (built on each call)."""
+        return pages_to_slots(self.device_pages, self.page_size)
+
+    @property
+    def host_indices(self) -> torch.Tensor:
+        """The freed host pages as int64 token slots (built on each call)."""
+        return pages_to_slots(self.host_pages, self.page_size)

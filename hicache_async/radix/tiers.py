@@ -40,9 +40,10 @@ class RadixTree(RadixTreeBase):
     # ----------------------------------------------------------------------- eviction
 
     def _cat(self, parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+        """The page tensors ``parts`` as one int64 tensor (what the allocators take)."""
         if not parts:
             return empty
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).long()
 
     def evict(self, n_pages: int, keep_host: bool = True) -> EvictResult:
         """Evict up to ``n_pages`` device pages from unlocked device leaves, policy order.
@@ -50,13 +51,13 @@ class RadixTree(RadixTreeBase):
         A node that also has a host copy becomes host-only when ``keep_host``; otherwise (or
         when it has no host copy) it leaves the tree with any host-only nodes below it, whose
         host slots are returned too. Nodes whose removal would drop a host-locked copy are
-        skipped. The caller frees ``device_indices`` / ``host_indices``.
+        skipped. The caller frees ``device_pages`` / ``host_pages``.
         """
         need = n_pages * self.page_size
         done = 0
         dev: list[torch.Tensor] = []
         host: list[torch.Tensor] = []
-        result = EvictResult(self._empty, self._empty_host)
+        result = EvictResult(self._empty, self._empty_host, self.page_size)
         skipped: list[TreeNode] = []
         heap = self._dev_heap
         while done < need:
@@ -79,8 +80,8 @@ class RadixTree(RadixTreeBase):
             done += n
         for node in skipped:
             self._refresh(node)
-        result.device_indices = self._cat(dev, self._empty)
-        result.host_indices = self._cat(host, self._empty_host)
+        result.device_pages = self._cat(dev, self._empty)
+        result.host_pages = self._cat(host, self._empty_host)
         result.num_pages = done // self.page_size
         return result
 
@@ -97,7 +98,7 @@ class RadixTree(RadixTreeBase):
         done = 0
         dev: list[torch.Tensor] = []
         host: list[torch.Tensor] = []
-        result = EvictResult(self._empty, self._empty_host)
+        result = EvictResult(self._empty, self._empty_host, self.page_size)
         heap = self._host_heap
         while done < need:
             node = heap.pop()
@@ -109,16 +110,16 @@ class RadixTree(RadixTreeBase):
                 n = need - done
             self._remove_subtree(node, dev, host, result)
             done += n
-        result.host_indices = self._cat(host, self._empty_host)
+        result.host_pages = self._cat(host, self._empty_host)
         result.num_pages = done // self.page_size
         return result
 
     def _demote(self, node: TreeNode, dev: list[torch.Tensor]) -> None:
         """BOTH -> HOST for an unlocked device leaf."""
-        assert node.device_indices is not None
+        assert node.device_pages is not None
         assert node.device_lock_ref == 0
-        dev.append(node.device_indices)
-        node.device_indices = None
+        dev.append(node.device_pages)
+        node.device_pages = None
         node.state = _HOST
         self._dev_evictable -= node.num_tokens
         parent = node.parent
@@ -145,14 +146,14 @@ class RadixTree(RadixTreeBase):
             x = stack.pop()
             stack.extend(x.children.values())
             n = x.num_tokens
-            if x.device_indices is not None:
-                dev.append(x.device_indices)
-                x.device_indices = None
+            if x.device_pages is not None:
+                dev.append(x.device_pages)
+                x.device_pages = None
                 self._dev_evictable -= n
                 result.removed_device.append(x)
-            if x.host_indices is not None:
-                host.append(x.host_indices)
-                x.host_indices = None
+            if x.host_pages is not None:
+                host.append(x.host_pages)
+                x.host_pages = None
                 self._host_evictable -= n
                 result.removed_host.append(x)
             self._dev_heap.discard(x)
@@ -181,7 +182,7 @@ class RadixTree(RadixTreeBase):
     def _sub_host(self, node: TreeNode) -> torch.Tensor:
         indices = node.host_indices
         assert indices is not None
-        node.host_indices = None
+        node.host_pages = None
         if node.host_lock_ref:
             self._host_protected -= node.num_tokens
         else:
@@ -191,7 +192,8 @@ class RadixTree(RadixTreeBase):
     def start_backup(self, node: TreeNode, host_indices: torch.Tensor) -> None:
         """DEVICE -> BACKING_UP: host slots reserved, the D2H copy is about to start."""
         self._expect(node, _DEVICE)
-        node.host_indices = check_indices(host_indices, node.num_tokens, "host_indices")
+        check_indices(host_indices, node.num_tokens, "host_indices")
+        node.host_pages = self._to_pages(host_indices, "host_indices")
         node.state = _BACKING_UP
         self._add_host(node)
         self._refresh(node)
@@ -219,7 +221,8 @@ class RadixTree(RadixTreeBase):
         assert parent is not None
         if parent.parent is not None and not parent.state.holds_device:
             raise IndexStateError(f"load {node!r} only after its parent {parent!r}")
-        node.device_indices = check_indices(device_indices, node.num_tokens, "device_indices")
+        check_indices(device_indices, node.num_tokens, "device_indices")
+        node.device_pages = self._to_pages(device_indices, "device_indices")
         node.state = _LOADING
         if node.device_lock_ref:
             self._dev_protected += node.num_tokens
@@ -244,7 +247,7 @@ class RadixTree(RadixTreeBase):
             raise IndexStateError(f"cancel the loads below {node!r} first")
         indices = node.device_indices
         assert indices is not None
-        node.device_indices = None
+        node.device_pages = None
         node.state = _HOST
         if node.device_lock_ref:
             self._dev_protected -= node.num_tokens
@@ -280,12 +283,12 @@ class RadixTree(RadixTreeBase):
             )
         dev: list[torch.Tensor] = []
         host: list[torch.Tensor] = []
-        result = EvictResult(self._empty, self._empty_host)
+        result = EvictResult(self._empty, self._empty_host, self.page_size)
         for root in list(self._roots.values()):
             for child in list(root.children.values()):
                 self._remove_subtree(child, dev, host, result)
-        result.device_indices = self._cat(dev, self._empty)
-        result.host_indices = self._cat(host, self._empty_host)
+        result.device_pages = self._cat(dev, self._empty)
+        result.host_pages = self._cat(host, self._empty_host)
         result.num_pages = sum(n.num_tokens for n in result.removed) // self.page_size
         return result
 

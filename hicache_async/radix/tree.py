@@ -3,7 +3,9 @@
 Synchronous by design: the event loop owns it (no locks, no awaits). Keys are int64-LE bytes;
 children are keyed by their first page's bytes, and a node's whole span is compared with one
 ``bytes.startswith`` (a ``memcmp``), so neither match nor insert does per-token or per-page Python
-work. Page hashes are computed only when asked for (:meth:`RadixTree.page_hashes`).
+work. Nodes keep one page index per page, not one slot per token: inserts take token slots
+(whole, in-order pages, as the paged pools hand out) and keep ``slots[::page_size] //
+page_size``. Page hashes are computed only when asked for (:meth:`RadixTree.page_hashes`).
 
 Residency invariant: a node that holds device slots (valid or reserved for a load) has a parent
 that is a root or holds device slots too. Host-only nodes hang below anything. A match counts
@@ -20,13 +22,14 @@ import torch
 from hicache_async.config import EvictionPolicy
 from hicache_async.errors import IndexStateError
 from hicache_async.radix.hashing import hash_pages
-from hicache_async.radix.key import TOKEN_BYTES, RadixInputError, RadixKey
+from hicache_async.radix.key import TOKEN_BYTES, KeyBytes, RadixInputError, RadixKey
 from hicache_async.radix.node import MatchResult, NodeState, Tier, TreeNode
 from hicache_async.radix.policy import EvictionHeap, make_policy
 
 __all__ = ["RadixTreeBase"]
 
 _I64 = np.dtype("<i8")
+_I32_MAX = 2**31 - 1
 _DEVICE = NodeState.DEVICE
 _HOST = NodeState.HOST
 _BOTH = NodeState.BOTH
@@ -34,6 +37,15 @@ _LOADING = NodeState.LOADING
 _REMOVED = NodeState.REMOVED
 _DEVICE_VALID = frozenset({NodeState.DEVICE, NodeState.BOTH, NodeState.BACKING_UP})
 _HOST_VALID = frozenset({NodeState.HOST, NodeState.BOTH, NodeState.LOADING})
+
+
+def pages_of(slots: torch.Tensor, page_size: int) -> tuple[torch.Tensor, bool]:
+    """The pages of token ``slots`` on any device (torch ops), and whether the slots are whole,
+    in-order pages."""
+    pages = slots[::page_size] // page_size
+    offsets = torch.arange(page_size, dtype=torch.int64, device=slots.device)
+    ok = torch.equal(slots.reshape(-1, page_size), pages.unsqueeze(1) * page_size + offsets)
+    return pages, ok
 
 
 def check_indices(indices: object, n_tokens: int, what: str) -> torch.Tensor:
@@ -63,6 +75,8 @@ class RadixTreeBase:
             raise RadixInputError(f"page_size must be a positive int, got {page_size!r}")
         self.page_size = page_size
         self._pb = page_size * TOKEN_BYTES  # bytes per page
+        self._scratch = np.empty(0, dtype=_I64)  # reused by _to_pages (grown, never shrunk)
+        self._ones = b""  # as many int64 ones as the scratch holds
         self.policy = make_policy(eviction_policy)
         self._next_id = 0
         self._tick = 0  # logical clock: every match/insert is one tick
@@ -96,7 +110,7 @@ class RadixTreeBase:
         self, key: bytes, parent: TreeNode | None, state: NodeState, priority: int = 0
     ) -> TreeNode:
         self._next_id += 1
-        return TreeNode(self._next_id, key, parent, state, self._tick, priority)
+        return TreeNode(self._next_id, key, parent, state, self._tick, priority, self.page_size)
 
     def _root_for(self, extra_key: str | None) -> TreeNode:
         root = self._roots.get(extra_key)
@@ -128,7 +142,7 @@ class RadixTreeBase:
         elif node.host_seq:
             self._host_heap.discard(node)
 
-    def _common_tokens(self, child_key: bytes, data: bytes, off: int, end: int) -> int:
+    def _common_tokens(self, child_key: bytes, data: KeyBytes, off: int, end: int) -> int:
         """Whole-page tokens that ``child_key`` shares with ``data[off:end]``."""
         m = min(len(child_key), end - off) // TOKEN_BYTES
         a = np.frombuffer(child_key, dtype=_I64, count=m)
@@ -154,14 +168,14 @@ class RadixTreeBase:
         upper.device_lock_ref = node.device_lock_ref
         upper.host_lock_ref = node.host_lock_ref
         upper.written = node.written
-        if node.device_indices is not None:
-            upper.device_indices = node.device_indices[:n_tokens]
-            node.device_indices = node.device_indices[n_tokens:]
-        if node.host_indices is not None:
-            upper.host_indices = node.host_indices[:n_tokens]
-            node.host_indices = node.host_indices[n_tokens:]
+        p = n_tokens // self.page_size
+        if node.device_pages is not None:
+            upper.device_pages = node.device_pages[:p]
+            node.device_pages = node.device_pages[p:]
+        if node.host_pages is not None:
+            upper.host_pages = node.host_pages[:p]
+            node.host_pages = node.host_pages[p:]
         if node.hashes is not None:
-            p = n_tokens // self.page_size
             upper.hashes, node.hashes = node.hashes[:p], node.hashes[p:]
         parent.children[upper.key[: self._pb]] = upper
         node.key = node.key[kb:]
@@ -184,12 +198,12 @@ class RadixTreeBase:
         """The longest cached whole-page prefix of ``key``; splits a node where the match ends
         inside it, and refreshes access time and hit count along the matched path."""
         pb = self._pb
-        data = key.data
+        data = memoryview(key.data)  # slices below are views, never copies
         end = len(data) // pb * pb
         root = self._roots.get(key.extra_key)
         if root is None or not end:
             r = root or self.root
-            return MatchResult(self._empty, r, r, 0)
+            return MatchResult(self._empty, r, r, 0, self.page_size)
         self._tick += 1
         tick = self._tick
         node = last_dev = last_host = root
@@ -197,11 +211,11 @@ class RadixTreeBase:
         dev: list[torch.Tensor] = []
         on_device = True
         while off < end:
-            child = node.children.get(data[off : off + pb])
+            child = node.children.get(bytes(data[off : off + pb]))
             if child is None:
                 break
             ck = child.key
-            cut = not data.startswith(ck, off)
+            cut = len(ck) > end - off or not ck.startswith(data[off : off + len(ck)])
             if cut:
                 child = self._split(child, self._common_tokens(ck, data, off, end))
                 ck = child.key
@@ -212,7 +226,7 @@ class RadixTreeBase:
                 child.last_access = tick
             st = child.state
             if on_device and st in _DEVICE_VALID:
-                dev.append(child.device_indices)  # type: ignore[arg-type]
+                dev.append(child.device_pages)  # type: ignore[arg-type]
                 last_dev = last_host = child
             elif st in _HOST_VALID:
                 on_device = False
@@ -225,12 +239,12 @@ class RadixTreeBase:
             if cut:
                 break
         if not dev:
-            indices = self._empty
+            pages = self._empty
         elif len(dev) == 1:
-            indices = dev[0]
+            pages = dev[0]
         else:
-            indices = torch.cat(dev)
-        return MatchResult(indices, last_dev, last_host, host_bytes // TOKEN_BYTES)
+            pages = torch.cat(dev)
+        return MatchResult(pages, last_dev, last_host, host_bytes // TOKEN_BYTES, self.page_size)
 
     def _walk_for_insert(
         self, key: RadixKey, priority: int
@@ -240,7 +254,7 @@ class RadixTreeBase:
         Returns (deepest matched node, matched bytes, aligned end, and the host-only nodes
         passed with the byte offset where each starts)."""
         pb = self._pb
-        data = key.data
+        data = memoryview(key.data)  # slices below are views, never copies
         end = len(data) // pb * pb
         node = self._root_for(key.extra_key)
         self._tick += 1
@@ -248,11 +262,11 @@ class RadixTreeBase:
         off = 0
         host_only: list[tuple[TreeNode, int]] = []
         while off < end:
-            child = node.children.get(data[off : off + pb])
+            child = node.children.get(bytes(data[off : off + pb]))
             if child is None:
                 break
             ck = child.key
-            if not data.startswith(ck, off):
+            if len(ck) > end - off or not ck.startswith(data[off : off + len(ck)]):
                 child = self._split(child, self._common_tokens(ck, data, off, end))
                 ck = child.key
             if priority > child.priority:
@@ -276,26 +290,82 @@ class RadixTreeBase:
     ) -> int:
         """Insert ``key``'s whole pages with their device slots (one per token of ``key``).
 
-        Returns the number of leading tokens whose device copy was already cached: the caller
-        frees its own duplicate slots for them (and the slots of a partial last page). Host-only
-        nodes on the path adopt the caller's slots (the KV was recomputed) and become BOTH; new
-        nodes are DEVICE. ``copy=False`` keeps views of ``device_indices`` instead of copies:
-        for a caller that hands over a tensor it never writes again (a fresh allocation).
+        Slots of whole pages must be whole, in-order pages of the pool (``page * page_size +
+        offset``); the tree keeps one page index per page. Returns the number of leading tokens
+        whose device copy was already cached: the caller frees its own duplicate slots for them
+        (and the slots of a partial last page). Host-only nodes on the path adopt the caller's
+        slots (the KV was recomputed) and become BOTH; new nodes are DEVICE. ``copy=False`` (page
+        size 1) keeps views of ``device_indices`` instead of copies: for a caller that hands over
+        a tensor it never writes again (a fresh allocation). Larger pages always keep a new
+        tensor of page indices.
         """
         check_indices(device_indices, len(key), "device_indices")
         node, off, end, host_only = self._walk_for_insert(key, priority)
         cached = host_only[0][1] if host_only else off
-        for h, start in host_only:  # the KV was recomputed: keep the caller's copy
+        what = "device_indices"
+        adopt = []  # converted (and checked) before anything changes state
+        for h, start in host_only:
             a = start // TOKEN_BYTES
-            part = device_indices[a : a + h.num_tokens]
-            self._set_device_copy(h, part.clone() if copy else part)
-        if off < end:
-            new = self._new_node(key.data[off:end], node, _DEVICE, priority)
-            part = device_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
-            new.device_indices = part.clone() if copy else part
+            adopt.append((h, self._own_pages(device_indices[a : a + h.num_tokens], copy, what)))
+        part = device_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
+        pages = self._own_pages(part, copy, what) if off < end else None
+        for h, h_pages in adopt:  # the KV was recomputed: keep the caller's copy
+            self._set_device_copy(h, h_pages)
+        if pages is not None:
+            new = self._new_node(bytes(key.data[off:end]), node, _DEVICE, priority)
+            new.device_pages = pages
             self._dev_evictable += new.num_tokens
             self._attach(node, new)
         return cached // TOKEN_BYTES
+
+    def _own_pages(self, slots: torch.Tensor, copy: bool, what: str) -> torch.Tensor:
+        """The page indices of ``slots`` in a tensor the tree owns (``copy``) or a view."""
+        if self.page_size > 1:
+            return self._to_pages(slots, what)  # a new tensor already
+        if not copy:
+            return slots
+        if slots.device.type == "cpu" and slots.numel():
+            # At page 1 a page is a token: int32 halves what the tree stores (fresh memory
+            # costs page faults); slots that do not fit stay int64.
+            flat = slots.numpy()
+            if int(flat.min()) >= 0 and int(flat.max()) <= _I32_MAX:
+                return torch.from_numpy(flat.astype(np.int32))  # timed faster than .to
+        return slots.clone()
+
+    def _to_pages(self, slots: torch.Tensor, what: str) -> torch.Tensor:
+        """The page indices of token ``slots`` (whole pages, each in order), or a
+        :class:`RadixInputError`. Vectorised, no per-token Python work, and on CPU no
+        temporary as long as ``slots``: fresh memory costs page faults, which dominated."""
+        size = self.page_size
+        if size == 1 or not slots.numel():
+            return slots
+        if slots.device.type == "cpu":
+            flat = slots.numpy()
+            first = flat[::size]
+            n = flat.size
+            if len(self._scratch) < n:
+                grown = max(n, 2 * len(self._scratch))
+                self._scratch = np.empty(grown, dtype=_I64)
+                self._ones = np.ones(grown, dtype=_I64).tobytes()
+            steps = self._scratch[: n - 1]
+            np.subtract(flat[1:], flat[:-1], out=steps)  # 1 inside a page, any across pages
+            steps[size - 1 :: size] = 1
+            ok = self._ones.startswith(steps.data.cast("B"))  # all 1: one memcmp
+            if size & (size - 1) == 0:  # a power of two: shift and mask
+                shift = size.bit_length() - 1
+                ok = ok and not int(np.bitwise_or.reduce(first)) & (size - 1)
+                pages = torch.from_numpy(first >> shift)
+            else:
+                ok = ok and not (first % size).any()
+                pages = torch.from_numpy(first // size)
+        else:
+            pages, ok = pages_of(slots, size)
+        if not ok:
+            raise RadixInputError(
+                f"{what} must be whole pages of {size} slots, each in order from a multiple "
+                f"of {size} (as the paged pools allocate them)"
+            )
+        return pages
 
     def insert_host(
         self, key: RadixKey, host_indices: torch.Tensor, priority: int = 0, *, copy: bool = True
@@ -305,16 +375,17 @@ class RadixTreeBase:
         check_indices(host_indices, len(key), "host_indices")
         node, off, end, _ = self._walk_for_insert(key, priority)
         if off < end:
-            new = self._new_node(key.data[off:end], node, _HOST, priority)
             part = host_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
-            new.host_indices = part.clone() if copy else part
+            pages = self._own_pages(part, copy, "host_indices")
+            new = self._new_node(bytes(key.data[off:end]), node, _HOST, priority)
+            new.host_pages = pages
             self._host_evictable += new.num_tokens
             self._attach(node, new)
         return off // TOKEN_BYTES
 
-    def _set_device_copy(self, node: TreeNode, device_indices: torch.Tensor) -> None:
-        """HOST -> BOTH with ``device_indices`` (validated by the caller)."""
-        node.device_indices = device_indices
+    def _set_device_copy(self, node: TreeNode, device_pages: torch.Tensor) -> None:
+        """HOST -> BOTH with ``device_pages`` (validated by the caller)."""
+        node.device_pages = device_pages
         node.state = _BOTH
         n = node.num_tokens
         if node.device_lock_ref:

@@ -12,7 +12,7 @@ __all__ = ["removed_event", "stored_event", "token_list"]
 _TOKEN = np.dtype(f"<i{TOKEN_BYTES}")
 
 
-def token_list(data: bytes) -> list[int]:
+def token_list(data: bytes | memoryview) -> list[int]:
     """Token ids of radix key bytes, as Python ints (for events only)."""
     ids: list[int] = np.frombuffer(data, dtype=_TOKEN).tolist()
     return ids

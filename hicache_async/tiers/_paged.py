@@ -43,8 +43,9 @@ class PagedTier(abc.ABC):
             self.allocator.free(slots_to_pages(slots.cpu(), self.page_size))
 
     def free_pages(self, pages: torch.Tensor) -> None:
-        """Return pages (from :meth:`reserve_pages`) to the pool."""
-        self.allocator.free(pages)
+        """Return int64 page indices to the pool (reserved ones, or what evictions hand back)."""
+        if pages.numel():
+            self.allocator.free(pages.cpu())
 
     @abc.abstractmethod
     def evict(self, n_pages: int) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from hicache_async.events import EventHub, StorageMedium
 from hicache_async.memory.allocator import PagedAllocator
-from hicache_async.memory.slots import slots_to_pages
 from hicache_async.radix import RadixTree
 from hicache_async.tiers._events import removed_event
 from hicache_async.tiers._paged import PagedTier
@@ -36,10 +35,10 @@ class DeviceTier(PagedTier):
     def evict(self, n_pages: int, *, keep_host: bool = True, emit: bool = True) -> int:
         """Evict up to ``n_pages`` device pages; returns how many were freed."""
         result = self.tree.evict(n_pages, keep_host=keep_host)
-        self.free(result.device_indices)
-        if result.host_indices.numel():
+        self.free_pages(result.device_pages)
+        if result.host_pages.numel():
             assert self._host_allocator is not None, "removed host copies without an L2"
-            self._host_allocator.free(slots_to_pages(result.host_indices, self.page_size))
+            self._host_allocator.free(result.host_pages.cpu())
         if emit and self.hub.active and (result.demoted or result.removed):
             gone = result.demoted + result.removed_device
             events = [removed_event(self.tree, gone, StorageMedium.GPU)]

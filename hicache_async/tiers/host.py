@@ -26,8 +26,7 @@ class HostTier(PagedTier):
     def evict(self, n_pages: int, *, emit: bool = True) -> int:
         """Evict up to ``n_pages`` host pages; returns how many were freed."""
         result = self.tree.evict_host(n_pages)
-        if result.host_indices.numel():
-            self.free(result.host_indices)
+        self.free_pages(result.host_pages)
         if emit and result.removed and self.hub.active:
             self.hub.emit([removed_event(self.tree, result.removed, StorageMedium.CPU_PINNED)])
         self.evicted_pages += result.num_pages
