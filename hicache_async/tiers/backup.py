@@ -57,7 +57,7 @@ class Backup:
     def reserve(self, node: TreeNode) -> BackupJob | None:
         """Reserve host pages for ``node`` and pin it (sync, on the loop), so L1 eviction
         cannot take it before its copy ran; None when it needs no backup or L2 has no room."""
-        if node.state is not NodeState.DEVICE or node.device_indices is None:
+        if node.state is not NodeState.DEVICE or node.device_pages is None:
             return None
         tokens = node.num_tokens
         slots = self.host.reserve(tokens // self.tree.page_size)
