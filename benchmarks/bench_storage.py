@@ -238,7 +238,11 @@ async def run_file(args: argparse.Namespace, page_bytes: int, base: str) -> dict
     return row
 
 
-async def run_redis(args: argparse.Namespace, page_bytes: int, port: int) -> dict[str, Any]:
+def server_phase(
+    args: argparse.Namespace, page_bytes: int, tag: str
+) -> tuple[KVLayout, int, HostKVPool, HostKVPool, list[str], torch.Tensor]:
+    """A server backend's phase: ``--redis-total-mib`` of random source pages, an empty
+    destination pool of the same shape, their keys and token slots."""
     layout = layout_for(page_bytes)
     n = max(1, (args.redis_total_mib << 20) // layout.bytes_per_page)
     src = HostKVPool(layout, n, HostLayout.PAGE_FIRST, pin_memory=False)
@@ -247,8 +251,13 @@ async def run_redis(args: argparse.Namespace, page_bytes: int, port: int) -> dic
     )
     dst = HostKVPool(layout, n, HostLayout.PAGE_FIRST, pin_memory=False)
     dst.buffer.zero_()
-    keys = [f"rb-{page_bytes}-{i}" for i in range(n)]
+    keys = [f"{tag}-{page_bytes}-{i}" for i in range(n)]
     all_slots = pages_to_slots(torch.arange(n, dtype=torch.int64), layout.page_size)
+    return layout, n, src, dst, keys, all_slots
+
+
+async def run_redis(args: argparse.Namespace, page_bytes: int, port: int) -> dict[str, Any]:
+    layout, n, src, dst, keys, all_slots = server_phase(args, page_bytes, "rb")
     cfg = HiCacheStorageConfig(model_name="bench")
     times: dict[str, list[float]] = {k: [] for k in ("raw_set", "set", "raw_get", "get")}
     lag = LagProbe()
@@ -298,16 +307,7 @@ async def run_redis(args: argparse.Namespace, page_bytes: int, port: int) -> dic
 async def run_mooncake(args: argparse.Namespace, page_bytes: int, store: Any) -> dict[str, Any]:
     """Our backend against the bare Mooncake client moving the same registered pool pages
     (``batch_put_from`` / ``batch_get_into``, ``batch_keys`` a call, in a worker thread)."""
-    layout = layout_for(page_bytes)
-    n = max(1, (args.redis_total_mib << 20) // layout.bytes_per_page)
-    src = HostKVPool(layout, n, HostLayout.PAGE_FIRST, pin_memory=False)
-    src.buffer.view(-1).view(torch.uint8).copy_(
-        torch.randint(0, 256, (src.nbytes,), dtype=torch.uint8)
-    )
-    dst = HostKVPool(layout, n, HostLayout.PAGE_FIRST, pin_memory=False)
-    dst.buffer.zero_()
-    keys = [f"mb-{page_bytes}-{i}" for i in range(n)]
-    all_slots = pages_to_slots(torch.arange(n, dtype=torch.int64), layout.page_size)
+    layout, n, src, dst, keys, all_slots = server_phase(args, page_bytes, "mb")
     cfg = HiCacheStorageConfig(model_name="bench")
     times: dict[str, list[float]] = {k: [] for k in ("raw_set", "set", "raw_get", "get")}
     lag = LagProbe()
