@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from hicache_async.events import EventHub, StorageMedium
+from hicache_async.memory.slots import pages_to_slots
 from hicache_async.metrics import Counters, Transition
 from hicache_async.radix import NodeState, RadixTree, TreeNode
 from hicache_async.tiers._events import stored_event
@@ -57,14 +58,15 @@ class Backup:
     def reserve(self, node: TreeNode) -> BackupJob | None:
         """Reserve host pages for ``node`` and pin it (sync, on the loop), so L1 eviction
         cannot take it before its copy ran; None when it needs no backup or L2 has no room."""
-        if node.state is not NodeState.DEVICE or node.device_pages is None:
+        device_pages = node.device_pages
+        if node.state is not NodeState.DEVICE or device_pages is None:
             return None
         tokens = node.num_tokens
         slots = self.host.reserve(tokens // self.tree.page_size)
         if slots is None:
             self.skipped += 1
             return None
-        job = BackupJob(node, tokens, node.device_indices, slots)
+        job = BackupJob(node, tokens, pages_to_slots(device_pages, self.tree.page_size), slots)
         self.tree.start_backup(node, slots)
         self.tree.lock(node)
         return job

@@ -88,12 +88,13 @@ class WriteBack:
 
     def submit(self, node: TreeNode) -> bool:
         """Queue ``node``'s pages for L3 (call on the loop once its host copy is valid)."""
-        if node.host_pages is None or not node.state.host_valid:
+        host_slots = node.host_indices if node.host_pages is not None else None
+        if host_slots is None or not node.state.host_valid:
             raise ValueError(f"{node!r} has no valid host copy to write back")
         job = WriteJob(
             node=node,
             keys=list(self.tree.page_hashes(node)),
-            host_slots=node.host_indices,
+            host_slots=host_slots,
             event=stored_event(self.tree, node, self.medium) if self.hub.active else None,
         )
         self.tree.lock_host(node)
