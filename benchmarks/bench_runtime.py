@@ -219,7 +219,8 @@ def bare_hit(cache: HiCache, tokens: torch.Tensor) -> torch.Tensor:
 
 def bare_hit_and_tail(cache: HiCache, tokens: torch.Tensor) -> int:
     """The same for a cached prefix plus new tokens: allocate whole pages for the rest, insert
-    the prompt, free the slots of pages another request inserted first, unlock."""
+    the prompt's page table (``insert_pages``: the pages are at hand, as in the session's
+    usual commit), free the pages another request inserted first, unlock."""
     tree, allocator, ps = cache.tree, cache.l1.allocator, cache.page_size
     key = RadixKey(tokens)
     match = tree.match_prefix(key)
@@ -229,11 +230,13 @@ def bare_hit_and_tail(cache: HiCache, tokens: torch.Tensor) -> int:
     if host:
         tree.lock_host(last_host)
     try:
-        hit = match.device_indices.numel()
+        hit = match.device_hit_length
         pages = allocator.alloc(-(-(len(key) - hit) // ps))
         assert pages is not None
-        new = pages_to_slots(pages, ps)  # the model would write the new KV here
-        present = tree.insert(key, torch.cat([match.device_indices, new]), copy=False)
+        # The model reads the hit's KV and writes the new KV through token slots.
+        _model_slots = match.device_indices, pages_to_slots(pages, ps)
+        assert len(key) % ps == 0, "with_tail() builds whole pages"
+        present = tree.insert_pages(key, torch.cat([match.device_pages, pages]))
         if present > hit:  # another request cached these pages first: free our copies
             allocator.free(pages[: (present - hit) // ps])
         return present

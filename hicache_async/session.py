@@ -77,6 +77,7 @@ class Session:
         "_handed",
         "_handed_pages",
         "_hit",
+        "_hit_pages",
         "_host_node",
         "_match",
         "_prefetch",
@@ -100,6 +101,7 @@ class Session:
         self._prefetch: _BackgroundPrefetch | None = None
         self._storage_tokens = 0
         self._hit: Hit | None = None
+        self._hit_pages: torch.Tensor | None = None  # the hit's page table, when L1 held it all
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -218,6 +220,9 @@ class Session:
         # the pages the prefetch brought from L3 (the match's tail).
         counters = cache.counters
         if device_tokens >= length:  # the common case: L1 held it all
+            pages = match.device_pages
+            cut = length // cache.page_size
+            self._hit_pages = pages if cut == pages.numel() else pages[:cut]
             by_tier = {_DEVICE: length, _HOST: 0, _STORAGE: 0}
             counters.hit_tokens[_DEVICE] += length
             counters.hit_pages[_DEVICE] += length // cache.page_size
@@ -266,6 +271,10 @@ class Session:
         hit = self._hit or await self.load()
         cache = self._cache
         size = cache.page_size
+        if new_slots is self._handed and self._handed_pages is self._allocated:
+            duplicates = self._commit_pages(hit)
+            if duplicates is not None:
+                return duplicates
         hit_indices = hit.device_indices
         new = new_slots  # what allocate() handed out is on the tree's device already
         if new_slots is not self._handed:
@@ -291,6 +300,35 @@ class Session:
         return duplicates
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _commit_pages(self, hit: Hit) -> int | None:
+        """:meth:`commit` of the usual request (an L1 hit, then one allocate() for the rest)
+        with the page tables the session holds: no slot -> page conversion or check. None
+        when the request is not of that shape (the slot path handles it)."""
+        cache = self._cache
+        hit_pages, handed = self._hit_pages, self._handed_pages
+        if hit_pages is None or handed is None or cache._slots_move:
+            return None
+        size = cache.page_size
+        new_slots = self._handed
+        assert new_slots is not None
+        n_tokens = len(self.key.data) // TOKEN_BYTES
+        n = hit.length + new_slots.numel()
+        if n > n_tokens:
+            raise LayoutError(f"{n} slots for a prompt of {n_tokens} tokens")
+        aligned = n // size * size
+        duplicates = 0
+        if aligned > hit.length:
+            taken = (aligned - hit.length) // size
+            pages = torch.cat([hit_pages, handed[:taken]]) if hit.length else handed[:taken]
+            key = self.key.prefix(aligned) if aligned < n_tokens else self.key  # a view
+            present = cache.tree.insert_pages(key, pages, self.priority)
+            self._give_to_tree(new_slots, hit.length, present, aligned)
+            if present > hit.length:  # another request cached these tokens meanwhile
+                duplicates = (present if present < aligned else aligned) - hit.length
+            cache.after_insert(key, aligned - present)
+        self.state = _COMMITTED
+        return duplicates
 
     def _give_to_tree(self, new: torch.Tensor, start: int, present: int, end: int) -> None:
         """The tree now owns ``new``'s whole pages in ``[max(start, present), end)``; slots

@@ -358,3 +358,38 @@ def test_page_one_keeps_int32_slots_when_they_fit() -> None:
     assert second.device_pages.dtype == torch.int64
     assert tree.evict(3).device_indices.tolist() == [2**40, 0, 1]
     tree.check()
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_insert_pages_builds_the_same_tree_as_insert(page_size: int) -> None:
+    def slots(pages: list[int]) -> torch.Tensor:
+        return torch.tensor(
+            [p * page_size + i for p in pages for i in range(page_size)], dtype=torch.int64
+        )
+
+    by_slots, by_pages = RadixTree(page_size=page_size), RadixTree(page_size=page_size)
+    prompts = [
+        (list(range(8 * page_size)), list(range(8))),
+        (list(range(4 * page_size)) + [99] * (4 * page_size), [0, 1, 2, 3, 20, 21, 22, 23]),
+        (list(range(10 * page_size)), list(range(10))),  # extends the first prompt
+    ]
+    for tokens, pages in prompts:
+        a = by_slots.insert(RadixKey(tokens), slots(pages))
+        b = by_pages.insert_pages(RadixKey(tokens), torch.tensor(pages, dtype=torch.int64))
+        assert a == b
+        by_pages.check()
+    for tokens, _ in prompts:
+        ma, mb = by_slots.match_prefix(RadixKey(tokens)), by_pages.match_prefix(RadixKey(tokens))
+        assert torch.equal(ma.device_indices, mb.device_indices)
+        assert ma.device_hit_length == len(tokens)
+
+
+def test_insert_pages_checks_its_input() -> None:
+    tree = RadixTree(page_size=4)
+    with pytest.raises(RadixInputError, match="whole pages"):
+        tree.insert_pages(RadixKey(list(range(6))), torch.tensor([0], dtype=torch.int64))
+    with pytest.raises(RadixInputError, match="device_pages"):
+        tree.insert_pages(RadixKey(list(range(8))), torch.tensor([0], dtype=torch.int64))
+    with pytest.raises(RadixInputError, match="int64"):
+        tree.insert_pages(RadixKey(list(range(8))), torch.tensor([0, 1], dtype=torch.int32))
+    tree.check()

@@ -70,3 +70,29 @@ async def test_uncommitted_allocation_is_freed_on_exit() -> None:
             s.allocate(20)
         await assert_pages_accounted(cache)
         assert cache.l1.allocator.used == 0
+
+
+async def test_usual_commit_hands_the_tree_page_tables(monkeypatch) -> None:
+    # An L1 hit plus one allocate(): the session inserts the page tables it holds (no slot
+    # conversion); its pages and the tree's slots agree with what the model was handed.
+    async with HiCache.open(config()) as cache:
+        calls: list[str] = []
+        for name in ("insert", "insert_pages"):
+            original = getattr(cache.tree, name)
+
+            def spy(*args, _name=name, _original=original, **kwargs):
+                calls.append(_name)
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(cache.tree, name, spy)
+        handed = []
+        for tokens in (torch.arange(10), torch.arange(14), torch.arange(14)):
+            async with cache.session(tokens) as s:
+                hit = await s.load()
+                new = s.allocate(tokens.numel() - hit.length)
+                handed.append((hit.device_indices, new))
+                await s.commit(new)
+            await assert_pages_accounted(cache)
+        assert calls == ["insert_pages", "insert_pages"]  # the third request is a full hit
+        match = cache.tree.match_prefix(cache.key(torch.arange(14)))
+        assert torch.equal(match.device_indices, torch.cat([*handed[1]])[:12])

@@ -16,6 +16,8 @@ Eviction and tier transitions live in :mod:`hicache_async.radix.tiers`; this mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -300,15 +302,41 @@ class RadixTreeBase:
         tensor of page indices.
         """
         check_indices(device_indices, len(key), "device_indices")
+
+        def pages_of_span(start: int, stop: int) -> torch.Tensor:
+            part = device_indices[start // TOKEN_BYTES : stop // TOKEN_BYTES]
+            return self._own_pages(part, copy, "device_indices")
+
+        return self._insert(key, priority, pages_of_span)
+
+    def insert_pages(self, key: RadixKey, device_pages: torch.Tensor, priority: int = 0) -> int:
+        """:meth:`insert` for a caller that holds the page table already: ``key`` is whole
+        pages and ``device_pages`` has one device page index per page (int64, 1-D, on the
+        tree's device). Nothing is converted or checked beyond the shape, and the tree keeps
+        views of ``device_pages``: hand over a tensor that is never written again (the pages
+        an allocator returned, or a concatenation made for the call)."""
+        size = self.page_size
+        if len(key) % size:
+            raise RadixInputError(f"insert_pages takes whole pages: {len(key)} tokens, page {size}")
+        check_indices(device_pages, len(key) // size, "device_pages")
+        pb = self._pb
+
+        def pages_of_span(start: int, stop: int) -> torch.Tensor:
+            return device_pages[start // pb : stop // pb]
+
+        return self._insert(key, priority, pages_of_span)
+
+    def _insert(
+        self, key: RadixKey, priority: int, pages_of_span: Callable[[int, int], torch.Tensor]
+    ) -> int:
+        """The body of both inserts; ``pages_of_span(start, stop)`` gives the pages of the key
+        bytes ``[start, stop)`` in a tensor the tree may keep (or raises: before any change)."""
         node, off, end, host_only = self._walk_for_insert(key, priority)
         cached = host_only[0][1] if host_only else off
-        what = "device_indices"
         adopt = []  # converted (and checked) before anything changes state
         for h, start in host_only:
-            a = start // TOKEN_BYTES
-            adopt.append((h, self._own_pages(device_indices[a : a + h.num_tokens], copy, what)))
-        part = device_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
-        pages = self._own_pages(part, copy, what) if off < end else None
+            adopt.append((h, pages_of_span(start, start + h.num_tokens * TOKEN_BYTES)))
+        pages = pages_of_span(off, end) if off < end else None
         for h, h_pages in adopt:  # the KV was recomputed: keep the caller's copy
             self._set_device_copy(h, h_pages)
         if pages is not None:
