@@ -292,10 +292,7 @@ class Session:
             if aligned < n:
                 slots = slots[:aligned]
             present = cache.tree.insert(key, slots, self.priority, copy=not fresh)
-            self._give_to_tree(new_slots, hit.length, present, aligned)
-            if present > hit.length:  # another request cached these tokens meanwhile
-                duplicates = (present if present < aligned else aligned) - hit.length
-            cache.after_insert(key, aligned - present)
+            duplicates = self._inserted(key, new_slots, hit.length, present, aligned)
         self.state = _COMMITTED
         return duplicates
 
@@ -323,12 +320,21 @@ class Session:
             pages = torch.cat([hit_pages, handed[:taken]]) if hit.length else handed[:taken]
             key = self.key.prefix(aligned) if aligned < n_tokens else self.key  # a view
             present = cache.tree.insert_pages(key, pages, self.priority)
-            self._give_to_tree(new_slots, hit.length, present, aligned)
-            if present > hit.length:  # another request cached these tokens meanwhile
-                duplicates = (present if present < aligned else aligned) - hit.length
-            cache.after_insert(key, aligned - present)
+            duplicates = self._inserted(key, new_slots, hit.length, present, aligned)
         self.state = _COMMITTED
         return duplicates
+
+    def _inserted(
+        self, key: RadixKey, new: torch.Tensor, start: int, present: int, end: int
+    ) -> int:
+        """After the tree took ``key`` (tokens ``[start, end)`` new from this session, the first
+        ``present`` cached already): settle page ownership, announce and back up what is new;
+        the number of duplicate tokens (cached by another request meanwhile)."""
+        self._give_to_tree(new, start, present, end)
+        self._cache.after_insert(key, end - present)
+        if present <= start:
+            return 0
+        return (present if present < end else end) - start
 
     def _give_to_tree(self, new: torch.Tensor, start: int, present: int, end: int) -> None:
         """The tree now owns ``new``'s whole pages in ``[max(start, present), end)``; slots
