@@ -26,7 +26,6 @@ import anyio
 import numpy as np
 
 from hicache_async.errors import ConfigError, CorruptPageError, StorageError
-from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, PageBuffer
 from hicache_async.storage.codec import TRAILER_SIZE, checksum, key_digest
 from hicache_async.storage.threads import run_in_threads
@@ -115,7 +114,8 @@ class MooncakeStorage(HiCacheStorage):
     # -- connection -----------------------------------------------------------------------
 
     async def _ready(self) -> None:
-        """Connect on first use (in a thread: setup takes a while) and register buffers."""
+        """Connect on first use (in a thread: setup takes a while) and register buffers: the
+        arenas, and the host pool registered last (a new pool replaces the old one here)."""
         if self._connect_lock is None:
             self._connect_lock = anyio.Lock()
         async with self._connect_lock:
@@ -172,10 +172,6 @@ class MooncakeStorage(HiCacheStorage):
             if rc != 0:
                 raise StorageError(f"mooncake register_buffer failed: {describe_error(rc)}")
             self._registered[ptr] = size
-
-    def register_mem_pool_host(self, pool: HostKVPool) -> None:
-        super().register_mem_pool_host(pool)
-        # Registered with the store on the next call (registration talks to the client).
 
     def _threads(self) -> anyio.CapacityLimiter:
         if self._limiter is None:  # created on first use: it belongs to the running loop

@@ -222,15 +222,7 @@ class RadixTree(RadixTreeBase):
         if parent.parent is not None and not parent.state.holds_device:
             raise IndexStateError(f"load {node!r} only after its parent {parent!r}")
         check_indices(device_indices, node.num_tokens, "device_indices")
-        node.device_pages = self._to_pages(device_indices, "device_indices")
-        node.state = _LOADING
-        if node.device_lock_ref:
-            self._dev_protected += node.num_tokens
-        else:
-            self._dev_evictable += node.num_tokens
-        parent.n_dev_children += 1
-        self._refresh(parent)
-        self._refresh(node)
+        self._set_device_copy(node, self._to_pages(device_indices, "device_indices"), _LOADING)
 
     def finish_load(self, node: TreeNode) -> None:
         """LOADING -> BOTH: the device copy is complete."""

@@ -411,10 +411,13 @@ class RadixTreeBase:
             self._attach(node, new)
         return off // TOKEN_BYTES
 
-    def _set_device_copy(self, node: TreeNode, device_pages: torch.Tensor) -> None:
-        """HOST -> BOTH with ``device_pages`` (validated by the caller)."""
+    def _set_device_copy(
+        self, node: TreeNode, device_pages: torch.Tensor, state: NodeState = _BOTH
+    ) -> None:
+        """HOST -> ``state`` (BOTH: the KV was recomputed; LOADING: a load reserved the
+        pages) with ``device_pages`` (validated by the caller)."""
         node.device_pages = device_pages
-        node.state = _BOTH
+        node.state = state
         n = node.num_tokens
         if node.device_lock_ref:
             self._dev_protected += n

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from hicache_async.events import EventHub, StorageMedium
-from hicache_async.memory.slots import pages_to_slots
 from hicache_async.metrics import Counters, Transition
 from hicache_async.radix import NodeState, RadixTree, TreeNode
 from hicache_async.tiers._events import stored_event
@@ -58,15 +57,17 @@ class Backup:
     def reserve(self, node: TreeNode) -> BackupJob | None:
         """Reserve host pages for ``node`` and pin it (sync, on the loop), so L1 eviction
         cannot take it before its copy ran; None when it needs no backup or L2 has no room."""
-        device_pages = node.device_pages
-        if node.state is not NodeState.DEVICE or device_pages is None:
+        if node.state is not NodeState.DEVICE:
+            return None
+        device_slots = node.device_indices
+        if device_slots is None:
             return None
         tokens = node.num_tokens
         slots = self.host.reserve(tokens // self.tree.page_size)
         if slots is None:
             self.skipped += 1
             return None
-        job = BackupJob(node, tokens, pages_to_slots(device_pages, self.tree.page_size), slots)
+        job = BackupJob(node, tokens, device_slots, slots)
         self.tree.start_backup(node, slots)
         self.tree.lock(node)
         return job

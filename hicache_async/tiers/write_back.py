@@ -88,7 +88,7 @@ class WriteBack:
 
     def submit(self, node: TreeNode) -> bool:
         """Queue ``node``'s pages for L3 (call on the loop once its host copy is valid)."""
-        host_slots = node.host_indices if node.host_pages is not None else None
+        host_slots = node.host_indices
         if host_slots is None or not node.state.host_valid:
             raise ValueError(f"{node!r} has no valid host copy to write back")
         job = WriteJob(
