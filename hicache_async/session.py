@@ -183,18 +183,42 @@ class Session:
 
         A prefix L1 already holds completes without suspending (no copy to wait for).
         """
+        hit = self._hit
+        if hit is not None:
+            return hit
         if self.state is not _MATCHED:
             self._expect(_MATCHED)
-        if self._hit is not None:
-            return self._hit
+        match = self._match
+        assert match is not None  # MATCHED
+        if self._prefetch is None and not match.host_hit_length and limit is None:
+            # The hit path: L1 holds the whole hit, nothing to wait for or to count by tier.
+            cache = self._cache
+            size = cache.page_size
+            pages = self._hit_pages = match.device_pages
+            length = pages.numel() * size
+            room = -(-(len(self.key.data) // TOKEN_BYTES - length) // size)
+            if room > cache._device_allocator.available:
+                await cache.ensure_device_room(room)
+            counters = cache.counters
+            counters.hit_tokens[_DEVICE] += length
+            counters.hit_pages[_DEVICE] += length // size
+            self._hit = hit = Hit(
+                length,
+                pages_to_slots(pages, size),
+                {_DEVICE: length, _HOST: 0, _STORAGE: 0},
+            )
+            return hit
+        return await self._load(match, limit)
+
+    async def _load(self, match: MatchResult, limit: int | None) -> Hit:
+        """:meth:`load` of a hit that has a host part, a prefetch or a limit."""
         if self._prefetch is not None:
             self._prefetch.control.terminate()
             await self._prefetch.done.wait()
             if self._prefetch.result is not None:
                 self._after_prefetch(self._prefetch.result)
+            match = self.match  # the arrived pages were matched again
         cache = self._cache
-        match = self._match
-        assert match is not None  # MATCHED
         indices = match.device_indices
         device_tokens = indices.numel()
         loaded_tokens = 0
@@ -219,7 +243,7 @@ class Session:
         # Tokens by the tier they were found in: the device part, then pages L2 held, then
         # the pages the prefetch brought from L3 (the match's tail).
         counters = cache.counters
-        if device_tokens >= length:  # the common case: L1 held it all
+        if device_tokens >= length:  # L1 held it all
             pages = match.device_pages
             cut = length // cache.page_size
             self._hit_pages = pages if cut == pages.numel() else pages[:cut]
