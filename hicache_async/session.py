@@ -219,11 +219,18 @@ class Session:
                 self._after_prefetch(self._prefetch.result)
             match = self.match  # the arrived pages were matched again
         cache = self._cache
+        loader = cache.loader
+        if loader is not None and loader.busy(match):
+            loader.waited += 1
+            while loader.busy(match):  # its pages are on their way: wait, then take them
+                await loader.settled()
+                self._rematch()
+                match = self.match
         indices = match.device_indices
         device_tokens = indices.numel()
         loaded_tokens = 0
-        if match.host_hit_length and cache.loader is not None:
-            loaded = await cache.loader.load(match)
+        if match.host_hit_length and loader is not None:
+            loaded = await loader.load(match)
             loaded_tokens = loaded.loaded_tokens
             if loaded_tokens:
                 # The loaded nodes are now device-resident: hold them for the model.

@@ -6,6 +6,9 @@ matched path locked so eviction cannot take it), each node ``LOADING`` top-down,
 locked. move: the H2D copy. commit: ``BOTH``, ``BlockStored(GPU)``, unlock the host copy.
 rollback: ``HOST`` again bottom-up, free the device pages, unlock.
 
+A request whose host part another request is loading waits for that load to end
+(:meth:`Load.settled`) and matches again, instead of recomputing pages that are on their way.
+
 Splits during the copy create ``LOADING`` ancestors in the reserved span; commit and rollback
 therefore walk from the last host node up to the device boundary, not over a saved list.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import anyio
 import torch
 
 from hicache_async.events import EventHub, StorageMedium
@@ -56,6 +60,20 @@ class Load:
         self.min_tokens = min_tokens
         self.bytes_per_page = bytes_per_page
         self.skipped = 0  # too short, or no device room
+        self.waited = 0  # loads that first waited for another request's load of their path
+        self._settled = anyio.Event()  # set (and replaced) whenever a load ends
+
+    def busy(self, match: MatchResult) -> bool:
+        """Whether another request's load is moving part of ``match``'s host part."""
+        return bool(match.host_hit_length) and not _host_nodes(match)
+
+    async def settled(self) -> None:
+        """Wait until some load in flight ends (committed or rolled back)."""
+        await self._settled.wait()
+
+    def _settle(self) -> None:
+        self._settled.set()
+        self._settled = anyio.Event()
 
     async def load(self, match: MatchResult) -> LoadResult:
         """Load the host part of ``match`` (the caller holds its device and host locks)."""
@@ -86,11 +104,13 @@ class Load:
                 self.device.free(self.tree.cancel_load(node))
             self.tree.unlock_host(last)
             self.counters.transitions[Transition.LOAD].failures += 1
+            self._settle()
             raise
         span = span_chain(last, tokens)
         for node in span:
             self.tree.finish_load(node)
         self.tree.unlock_host(last)
+        self._settle()
         self.counters.transitions[Transition.LOAD].add(
             pages, pages * self.bytes_per_page, time.perf_counter() - start
         )
