@@ -49,6 +49,7 @@ class PagedAllocator:
         self.available = len(self._free)
         # Owners per page: 0 free, 1 allocated; above 1 only through share() in debug mode.
         self._owners = np.zeros(capacity, dtype=np.int32)
+        self._mark_buf = -np.arange(1, 65, dtype=np.int32)  # see free()
 
     @property
     def usable(self) -> int:
@@ -78,27 +79,50 @@ class PagedAllocator:
         """Return ``pages``; a foreign index, a repeated index or a page not allocated raises
         :class:`IndexStateError` before anything changes."""
         p = self._check(pages)
-        if not len(p):
+        n = len(p)
+        if not n:
             return
-        if self.debug and len(p) > 1 and len(np.unique(p)) != len(p):
+        if self.debug:
+            self._free_shared(p)
+            return
+        owners = self._owners
+        if not owners[p].all():
+            bad = p[owners[p] <= 0][:8].tolist()
+            raise IndexStateError(f"double free: pages {bad} are not allocated")
+        if n > 1:
+            # A page listed twice: stamp each position with its own mark; a repeated page
+            # keeps only its last mark, so an earlier position reads back another. Four
+            # gathers and scatters: cheaper than a sort or ``ufunc.at`` on these sizes.
+            marks = self._marks(n)
+            owners[p] = marks
+            if not np.array_equal(owners[p], marks):
+                owners[p] = 1
+                raise IndexStateError("free() got the same page more than once")
+        owners[p] = 0
+        self._pending.append(p.copy())  # the caller keeps its tensor
+        self.available += n
+
+    def _free_shared(self, p: _Pages) -> None:
+        """Debug mode's free: one owner less per page; a page returns at its last owner."""
+        if len(p) > 1 and len(np.unique(p)) != len(p):
             raise IndexStateError("free() got the same page more than once")  # shared pages
-        # One scatter-add takes an owner from every page, once per occurrence: a page freed
-        # more often than it has owners (double free, or repeated in this call) goes below
-        # zero. Cheaper than checking first (no sort for duplicates); undone on error.
         owners = self._owners
         np.subtract.at(owners, p, 1)
         after = owners[p]
         if (after < 0).any():
             np.add.at(owners, p, 1)
-            before = owners[p]
-            if (before <= 0).any():
-                bad = p[before <= 0][:8].tolist()
-                raise IndexStateError(f"double free: pages {bad} are not allocated")
-            raise IndexStateError("free() got the same page more than once")
-        released = p[after == 0] if self.debug else p.copy()  # the caller keeps its tensor
+            bad = p[after < 0][:8].tolist()
+            raise IndexStateError(f"double free: pages {bad} are not allocated")
+        released = p[after == 0]
         if len(released):
             self._pending.append(released)
             self.available += len(released)
+
+    def _marks(self, n: int) -> np.ndarray[Any, np.dtype[np.int32]]:
+        """``-1, -2, ..., -n``: distinct marks no owner count takes (grown, never shrunk)."""
+        if len(self._mark_buf) < n:
+            self._mark_buf = -np.arange(1, max(n, 2 * len(self._mark_buf)) + 1, dtype=np.int32)
+        return self._mark_buf[:n]
 
     def share(self, pages: torch.Tensor) -> None:
         """Debug mode: add an owner to allocated ``pages`` (each owner frees once)."""
