@@ -20,7 +20,9 @@ def _simple_chain(tokens: list[int], page: int, extra: str | None = None) -> lis
     prev: bytes | None = None
     for i in range(0, len(tokens) - page + 1, page):
         body = b"".join(struct.pack("<i", t) for t in tokens[i : i + page])
-        start = extra.encode("utf-8") if extra is not None else b""
+        start = b""
+        if extra is not None:
+            start = hashlib.sha256(b"hicache-extra-key\x00" + extra.encode("utf-8")).digest()
         head = start if prev is None else prev
         prev = hashlib.sha256(head + body).digest()
         out.append(prev.hex())
@@ -126,6 +128,18 @@ def test_page_hashes_chain_extra_key_and_partial_page() -> None:
     whole = page_hashes(toks, 2, extra_key="t")
     assert page_hashes(toks[4:], 2, parent_hash=whole[1]) == whole[2:]
     assert page_hashes(toks, 1) == _simple_chain(toks, 1)
+
+
+def test_an_extra_key_cannot_continue_another_chain() -> None:
+    """A 32-byte extra key equal to a page's digest must not give that page's continuation:
+    its namespace would read another namespace's L3 pages (KV computed after a prefix the
+    request does not have)."""
+    toks = [5, 6, 7, 8]
+    digest = bytes(range(65, 65 + 32))  # stands for some page's digest; valid UTF-8
+    continued = page_hashes(toks, 2, parent_hash=digest.hex())
+    assert page_hashes(toks, 2, extra_key=digest.decode()) != continued
+    # Nor a short key that equals a parent hash given as hex.
+    assert page_hashes(toks, 2, extra_key="t") != page_hashes(toks, 2, parent_hash=b"t".hex())
 
 
 def test_tree_hashes_are_lazy_cached_and_survive_splits() -> None:

@@ -2,9 +2,12 @@
 
 Page ``i`` hashes to ``sha256(prev + tokens_i)`` where ``tokens_i`` are the page's token ids as
 4-byte little-endian ints and ``prev`` is the raw 32-byte digest of page ``i - 1``. The first page
-of a chain has no ``prev``; instead, when the key has an ``extra_key``, its UTF-8 bytes come first
-(``sha256(extra_key + tokens_0)``), so two namespaces never produce the same hashes. Hex strings
-out; deterministic across processes and machines (no ``hash()``, no seeds).
+of a chain has no ``prev``; when the key has an ``extra_key``, the chain starts from that key's
+own digest, ``sha256(b"hicache-extra-key\0" + extra_key)`` in UTF-8, so two namespaces never
+produce the same hashes. (Folding the key's raw bytes in instead would let a 32-byte extra key
+equal to some page's digest continue that page's chain: another namespace's L3 keys, and KV
+computed after a prefix the request does not have.) Hex strings out; deterministic across
+processes and machines (no ``hash()``, no seeds).
 
 The tree computes these lazily, once per page, and caches them on the node: never on the match or
 insert path.
@@ -19,8 +22,14 @@ import numpy as np
 from hicache_async.radix.key import RadixInputError, TokenIds, tokens_to_bytes
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_EXTRA_KEY_TAG = b"hicache-extra-key\0"
 
-__all__ = ["hash_pages", "page_hashes"]
+__all__ = ["hash_pages", "namespace_digest", "page_hashes"]
+
+
+def namespace_digest(extra_key: str) -> bytes:
+    """The 32 bytes a namespace's chains start from (in place of a parent page's digest)."""
+    return hashlib.sha256(_EXTRA_KEY_TAG + extra_key.encode()).digest()
 
 
 def hash_pages(
@@ -43,7 +52,7 @@ def hash_pages(
     if parent_hash is not None:
         prev = bytes.fromhex(parent_hash)
     else:
-        prev = b"" if extra_key is None else extra_key.encode()
+        prev = b"" if extra_key is None else namespace_digest(extra_key)
     for off in range(0, n, step):
         digest = sha(prev + narrow[off : off + step]).digest()
         out.append(digest.hex())
