@@ -193,7 +193,17 @@ class RadixTree(RadixTreeBase):
         """DEVICE -> BACKING_UP: host slots reserved, the D2H copy is about to start."""
         self._expect(node, _DEVICE)
         check_indices(host_indices, node.num_tokens, "host_indices")
-        node.host_pages = self._to_pages(host_indices, "host_indices")
+        self._start_backup(node, self._to_pages(host_indices, "host_indices"))
+
+    def start_backup_pages(self, node: TreeNode, host_pages: torch.Tensor) -> None:
+        """:meth:`start_backup` with the reserved host pages (one int64 page index per page
+        of ``node``); the tree keeps ``host_pages`` (hand over a tensor never written again)."""
+        self._expect(node, _DEVICE)
+        check_indices(host_pages, node.num_tokens // self.page_size, "host_pages")
+        self._start_backup(node, host_pages)
+
+    def _start_backup(self, node: TreeNode, host_pages: torch.Tensor) -> None:
+        node.host_pages = host_pages
         node.state = _BACKING_UP
         self._add_host(node)
         self._refresh(node)

@@ -32,8 +32,8 @@ class BackupJob:
 
     node: TreeNode
     tokens: int
-    device_slots: torch.Tensor
-    host_slots: torch.Tensor
+    device_pages: torch.Tensor  # int64, one per page of ``node``
+    host_pages: torch.Tensor
 
 
 class Backup:
@@ -59,16 +59,17 @@ class Backup:
         cannot take it before its copy ran; None when it needs no backup or L2 has no room."""
         if node.state is not NodeState.DEVICE:
             return None
-        device_slots = node.device_indices
-        if device_slots is None:
+        device_pages = node.device_pages
+        if device_pages is None:
             return None
         tokens = node.num_tokens
-        slots = self.host.reserve(tokens // self.tree.page_size)
-        if slots is None:
+        host_pages = self.host.reserve_pages(tokens // self.tree.page_size)
+        if host_pages is None:
             self.skipped += 1
             return None
-        job = BackupJob(node, tokens, device_slots, slots)
-        self.tree.start_backup(node, slots)
+        # Page tables all the way to the copy engine: no slot round trip per backup.
+        job = BackupJob(node, tokens, device_pages.long(), host_pages)
+        self.tree.start_backup_pages(node, host_pages)
         self.tree.lock(node)
         return job
 
@@ -85,10 +86,10 @@ class Backup:
     async def run_batch(self, jobs: list[BackupJob]) -> None:
         """Copy reserved backups in one engine call, then commit each (or roll all back)."""
         start = time.perf_counter()
-        device = torch.cat([job.device_slots for job in jobs])
-        host = torch.cat([job.host_slots for job in jobs])
+        device = torch.cat([job.device_pages for job in jobs]).cpu()
+        host = torch.cat([job.host_pages for job in jobs])
         try:
-            await self.engine.backup(device, host)
+            await self.engine.backup_pages(device, host)
         except BaseException:
             for job in jobs:
                 self.rollback(job)

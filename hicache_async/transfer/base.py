@@ -86,9 +86,20 @@ class TransferEngine(ABC):
         """The engine's counters plus the loads in flight now (for metrics)."""
         return {**self.stats.as_dict(), "loads_in_flight": len(self._inflight)}
 
-    @abstractmethod
     async def backup(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> None:
         """Copy the pages of ``device_slots`` into those of ``host_slots`` (L1 -> L2)."""
+        host, device = self.host_and_device_pages(host_slots, device_slots)
+        await self._backup(device, host)
+
+    async def backup_pages(self, device_pages: torch.Tensor, host_pages: torch.Tensor) -> None:
+        """:meth:`backup` for a caller that holds page indices (1-D int64 CPU tensors, one per
+        page, pairwise): no slot round trip. The pages are checked to be allocated all the same."""
+        host, device = self.checked_pages(host_pages, device_pages)
+        await self._backup(device, host)
+
+    @abstractmethod
+    async def _backup(self, device: torch.Tensor, host: torch.Tensor) -> None:
+        """Copy checked device pages ``device`` into host pages ``host`` (both CPU int64)."""
 
     @abstractmethod
     def _run_load(
@@ -141,11 +152,25 @@ class TransferEngine(ABC):
                 "a transfer moves equally many tokens"
             )
         size = self.layout.page_size
-        host = _reserved(self.host_pool.allocator, slots_to_pages(host_slots.cpu(), size), "host")
-        device = _reserved(
-            self.device_pool.allocator, slots_to_pages(device_slots.cpu(), size), "device"
+        return self.checked_pages(
+            slots_to_pages(host_slots.cpu(), size), slots_to_pages(device_slots.cpu(), size)
         )
-        return host, device
+
+    def checked_pages(
+        self, host_pages: torch.Tensor, device_pages: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``host_pages`` and ``device_pages`` (CPU int64) once checked: 1-D, equally many, and
+        allocated in their pools."""
+        for pages in (host_pages, device_pages):
+            if pages.dim() != 1 or pages.dtype != torch.int64 or not pages.is_cpu:
+                raise LayoutError("page indices must be 1-D int64 CPU tensors")
+        if host_pages.numel() != device_pages.numel():
+            raise LayoutError(
+                f"{host_pages.numel()} host pages vs {device_pages.numel()} device pages: "
+                "a transfer moves equally many pages"
+            )
+        host = _reserved(self.host_pool.allocator, host_pages, "host")
+        return host, _reserved(self.device_pool.allocator, device_pages, "device")
 
 
 def _reserved(allocator: PagedAllocator, pages: torch.Tensor, tier: str) -> torch.Tensor:

@@ -99,8 +99,7 @@ class CpuTransferEngine(TransferEngine):
         self._device = device_pages_view(device_pool)
         self._host = host_pages_view(host_pool)
 
-    async def backup(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> None:
-        host, device = self.host_and_device_pages(host_slots, device_slots)
+    async def _backup(self, device: torch.Tensor, host: torch.Tensor) -> None:
         self.stats.backups += 1
         self.stats.backup_bytes += host.numel() * self.layout.bytes_per_page
         plan = plan_pages(device, host, self.layout.bytes_per_page)

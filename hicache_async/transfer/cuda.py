@@ -83,8 +83,7 @@ class CudaTransferEngine(TransferEngine):
         layers, planes = self.layout.num_layers, self.layout.kv_planes
         self._host_pages = host_pool.buffer.view(host_pool.num_pages, layers, planes, -1)
 
-    async def backup(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> None:
-        host, device = self.host_and_device_pages(host_slots, device_slots)
+    async def _backup(self, device: torch.Tensor, host: torch.Tensor) -> None:
         self.stats.backups += 1
         self.stats.backup_bytes += host.numel() * self.layout.bytes_per_page
         if host.numel() == 0:

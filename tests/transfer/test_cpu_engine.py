@@ -80,6 +80,28 @@ async def test_small_chunks_and_empty_transfers() -> None:
     await engine.load(empty, empty)
 
 
+@pytest.mark.parametrize("host_layout", LAYOUTS)
+async def test_backup_pages_equals_backup_of_their_slots(host_layout) -> None:
+    """The page-table entry point copies what the slot one copies, and checks the same."""
+    device, host, engine = make(MHA, host_layout)
+    ps = MHA.page_size
+    src = alloc_slots(device.allocator, ps, 6, shuffle=True, seed=11)
+    by_slots = alloc_slots(host.allocator, ps, 6, shuffle=True, seed=12)
+    by_pages = alloc_slots(host.allocator, ps, 6, shuffle=True, seed=13)
+    randomize(device.kv, seed=14)
+    await engine.backup(src, by_slots)
+    await engine.backup_pages(src[::ps] // ps, by_pages[::ps] // ps)
+    for a, b in zip((by_slots[::ps] // ps).tolist(), (by_pages[::ps] // ps).tolist(), strict=True):
+        assert torch.equal(host.get_data_page(a), host.get_data_page(b))
+    pages = src[::ps] // ps
+    with pytest.raises(LayoutError, match="equally many"):
+        await engine.backup_pages(pages, pages[:2])
+    with pytest.raises(LayoutError, match="1-D int64"):
+        await engine.backup_pages(pages.int(), by_pages[::ps] // ps)
+    with pytest.raises(IndexStateError, match="not allocated"):
+        await engine.backup_pages(pages[:2], torch.tensor([40, 41]))
+
+
 async def test_bad_slots_are_rejected_at_the_edge() -> None:
     device, host, engine = make(MHA, HostLayout.LAYER_FIRST)
     src = alloc_slots(device.allocator, 4, 2, shuffle=False)
