@@ -14,6 +14,7 @@ task group owned by the cache: leaving the ``async with`` block drains them for 
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import warnings
@@ -81,6 +82,7 @@ class CacheState(enum.Enum):
 
 
 _OPEN = CacheState.OPEN  # checked on every request: a module constant is the cheap lookup
+_MAX_UNBACKED = 4096  # paths waiting for a backup retry (see HiCache._unbacked)
 
 
 class HiCache:
@@ -200,6 +202,12 @@ class HiCache:
         send, receive = anyio.create_memory_object_stream[BackupJob](max_buffer_size=1024)
         self._backups = (send, receive)
         self.backups_dropped = 0
+        # Paths whose backup found L2 full of locked pages (or the queue full), with the hit
+        # count their policy asks for: retried when a later request's backups are scheduled
+        # and L2 has room again, so a busy spell does not leave them out of L2 (and L3) for
+        # good. Bounded: past it the oldest is given up (counted as dropped).
+        self._unbacked: collections.deque[tuple[TreeNode, int]] = collections.deque()
+        self.backups_retried = 0
         self.backup_batch = 256  # backups moved by one engine call
         self._backups_pending = Pending()
         self._stack: AsyncExitStack | None = None
@@ -329,6 +337,7 @@ class HiCache:
         if self.host_tier is not None and self.host_pool is not None:
             self.host_tier.evict(self.host_pool.allocator.usable, emit=False)
             events.append(AllBlocksCleared(StorageMedium.CPU_PINNED))
+        self._unbacked.clear()  # every node left the tree
         if storage and self.storage is not None and self.write_back is not None:
             await self.storage.clear()
             events.append(AllBlocksCleared(self.write_back.medium))
@@ -395,6 +404,18 @@ class HiCache:
         ``hits`` times (parents first: a prefix is useful without its suffix)."""
         if self.backup is None:
             return
+        if self._unbacked:
+            self._retry_backups()
+        if not self._reserve_backups(last, hits):
+            self._unbacked.append((last, hits))
+            if len(self._unbacked) > _MAX_UNBACKED:
+                self._unbacked.popleft()
+                self.backups_dropped += 1
+
+    def _reserve_backups(self, last: TreeNode, hits: int) -> bool:
+        """Reserve and queue the backups :meth:`_schedule_backups` asks for; False when L2 or
+        the queue had no room for one of them (the rest of the path is left for a retry)."""
+        assert self.backup is not None
         todo = []
         node: TreeNode | None = last
         while node is not None and node.parent is not None:
@@ -402,16 +423,34 @@ class HiCache:
                 todo.append(node)
             node = node.parent
         for node in reversed(todo):
+            skipped = self.backup.skipped
             job = self.backup.reserve(node)  # pinned now, copied by the backup worker
             if job is None:
+                if self.backup.skipped > skipped:  # no room on L2
+                    return False
                 continue
             try:
                 self._backups[0].send_nowait(job)
             except anyio.WouldBlock:
                 self.backup.rollback(job)
-                self.backups_dropped += 1
-            else:
-                self._backups_pending.add()
+                return False
+            self._backups_pending.add()
+        return True
+
+    def _retry_backups(self) -> None:
+        """Retry the paths whose backups found no room, oldest first, while L2 can take them."""
+        host = self.host_pool.allocator if self.host_pool is not None else None
+        while self._unbacked and host is not None:
+            if not host.available and not self.tree.evictable_size(RadixTier.HOST):
+                return  # nothing L2 could free now: a reservation would only fail again
+            last, hits = self._unbacked[0]
+            if last.state is NodeState.REMOVED:
+                self._unbacked.popleft()
+                continue
+            if not self._reserve_backups(last, hits):
+                return
+            self._unbacked.popleft()
+            self.backups_retried += 1
 
     async def _backup_worker(self) -> None:
         assert self.backup is not None or not self._backups_pending.count

@@ -149,3 +149,22 @@ async def test_best_effort_returns_at_once_and_load_takes_what_arrived(l3_dir: P
         assert 0 < hit.length < PROMPT.numel()
         await cache.drain()
         assert cache.stats().prefetch.partial == 1
+
+
+async def test_a_backup_skipped_while_l2_is_pinned_is_retried() -> None:
+    """write_through: a prefix whose backup found L2 full of locked pages is backed up once
+    L2 has room again (at a later request), not left out of L2 and L3 for good."""
+    other = torch.arange(5000, 5000 + 32 * LAYOUT.page_size)  # fills L2 (as big as L1)
+    async with HiCache.open(config(host_pages=32)) as cache:
+        await serve(cache, other)
+        await cache.drain()
+        cache.device_tier.evict(cache.l1.allocator.usable)  # ``other`` lives on L2 only
+        assert state_of(cache, other) is NodeState.HOST
+        async with cache.session(other):  # a request holds it there (host-locked)
+            await serve(cache, PROMPT)
+            await cache.drain()
+            assert state_of(cache, PROMPT) is NodeState.DEVICE  # no room: skipped
+        await serve(cache, torch.arange(9000, 9000 + LAYOUT.page_size))  # a later request
+        await cache.drain()
+        assert state_of(cache, PROMPT) is NodeState.BOTH  # retried once L2 could make room
+        assert cache.backups_retried == 1
