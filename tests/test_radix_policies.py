@@ -77,3 +77,22 @@ def test_eviction_heap_stays_bounded_under_touches() -> None:
             tree.match_prefix(RadixKey([i]))
     assert len(tree._dev_heap._heap) <= 2 * 50 + 64 + 1
     tree.check()
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "mru", "priority"])
+def test_first_lists_members_in_eviction_order_without_removing(policy: str) -> None:
+    import random
+
+    rng = random.Random(7)
+    tree = RadixTree(page_size=1, eviction_policy=policy)
+    for i in range(200):
+        tree.insert(RadixKey([1000 + i]), torch.tensor([i]), priority=rng.randrange(3))
+    for _ in range(600):  # touches leave stale entries in the heap
+        tree.match_prefix(RadixKey([1000 + rng.randrange(200)]))
+    heap = tree._dev_heap
+    live = sorted(e for e in heap._heap if e[2].dev_seq == e[1])
+    for count in (0, 1, 5, 64, 200, 500):
+        assert heap.first(count) == [n for *_, n in live[:count]]
+    assert heap.size == 200  # nothing was removed
+    # ...and eviction takes them in that order.
+    assert [tree.evict(1).removed[0] for _ in range(10)] == [n for *_, n in live[:10]]

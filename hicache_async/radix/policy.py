@@ -152,10 +152,27 @@ class EvictionHeap:
         return [n for _, seq, n in self._heap if getattr(n, attr) == seq]
 
     def first(self, count: int) -> list[TreeNode]:
-        """The first ``count`` members in eviction order, without removing them."""
-        attr = self._attr
-        live = (e for e in self._heap if getattr(e[2], attr) == e[1])
-        return [n for _, _, n in heapq.nsmallest(count, live, key=lambda e: (e[0], e[1]))]
+        """The first ``count`` members in eviction order, without removing them.
+
+        Walks the heap array from its root through a frontier of child positions (a heap's
+        ``count`` smallest lie in its top part): O((count + stale entries met) log), not a
+        scan of every entry (the ``write_back`` policy asks before every L1 eviction)."""
+        heap, attr = self._heap, self._attr
+        out: list[TreeNode] = []
+        if not heap or count <= 0:
+            return out
+        frontier = [(heap[0][0], heap[0][1], 0)]
+        end = len(heap)
+        while frontier and len(out) < count:
+            _, seq, i = heapq.heappop(frontier)
+            node = heap[i][2]
+            if getattr(node, attr) == seq:  # stale entries are skipped, their subtrees not
+                out.append(node)
+            for c in (2 * i + 1, 2 * i + 2):
+                if c < end:
+                    key, cseq, _ = heap[c]
+                    heapq.heappush(frontier, (key, cseq, c))
+        return out
 
     def _compact(self) -> None:
         attr = self._attr
