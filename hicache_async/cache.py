@@ -373,12 +373,16 @@ class HiCache:
         if self.backup is None or short <= 0:
             return
         tokens = short * self.page_size
+        jobs = []
         for node in self.tree.eviction_candidates(max(1, short)):
             if tokens <= 0:
                 break
             tokens -= node.num_tokens
-            if node.state is NodeState.DEVICE:
-                await self.backup.backup(node)
+            job = self.backup.reserve(node)  # None when it has a host copy, or L2 is full
+            if job is not None:
+                jobs.append(job)
+        if jobs:  # one copy for every victim (rolled back together if cut)
+            await self.backup.run_batch(jobs)
 
     def after_insert(self, key: RadixKey, new_tokens: int) -> None:
         """Call after ``tree.insert(key, ...)`` put ``new_tokens`` new tokens on L1 (the
