@@ -1,9 +1,11 @@
 """The radix tree over token pages: match, insert, split, lock refs, lazy page hashes.
 
 Synchronous by design: the event loop owns it (no locks, no awaits). Keys are int64-LE bytes;
-children are keyed by their first page's bytes, and a node's whole span is compared with one
-``bytes.startswith`` (a ``memcmp``), so neither match nor insert does per-token or per-page Python
-work. Nodes keep one page index per page, not one slot per token: inserts take token slots
+children are keyed by their first page's bytes (``TreeNode.edge``). A node keeps its token ids as
+int32 when they fit (half the fresh memory per insert, which dominated its cost), widens them
+into a reused buffer to compare a whole span with one ``bytearray.startswith`` (a ``memcmp``), so
+neither match nor insert does per-token or per-page Python work. Nodes keep one page index per
+page, not one slot per token: inserts take token slots
 (whole, in-order pages, as the paged pools hand out) and keep ``slots[::page_size] //
 page_size``. Page hashes are computed only when asked for (:meth:`RadixTree.page_hashes`).
 
@@ -16,7 +18,7 @@ Eviction and tier transitions live in :mod:`hicache_async.radix.tiers`; this mod
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +33,11 @@ from hicache_async.radix.policy import EvictionHeap, make_policy
 __all__ = ["RadixTreeBase"]
 
 _I64 = np.dtype("<i8")
+_I32 = np.dtype("<i4")
+_U64 = np.dtype("<u8")
 _I32_MAX = 2**31 - 1
+_NO_TOKENS = np.empty(0, dtype=_I32)
+_NO_TOKENS.flags.writeable = False
 _DEVICE = NodeState.DEVICE
 _HOST = NodeState.HOST
 _BOTH = NodeState.BOTH
@@ -79,6 +85,10 @@ class RadixTreeBase:
         self._pb = page_size * TOKEN_BYTES  # bytes per page
         self._scratch = np.empty(0, dtype=_I64)  # reused by _to_pages (grown, never shrunk)
         self._ones = b""  # as many int64 ones as the scratch holds
+        # Node tokens are widened to int64 here to be compared with a key's bytes by one
+        # ``bytearray.startswith`` (a memcmp; grown, never shrunk).
+        self._wide_buf = bytearray()
+        self._wide = np.frombuffer(self._wide_buf, dtype=_I64)
         self.policy = make_policy(eviction_policy)
         self._next_id = 0
         self._tick = 0  # logical clock: every match/insert is one tick
@@ -109,17 +119,42 @@ class RadixTreeBase:
     # ----------------------------------------------------------------------- nodes
 
     def _new_node(
-        self, key: bytes, parent: TreeNode | None, state: NodeState, priority: int = 0
+        self,
+        tokens: np.ndarray[Any, Any],
+        edge: bytes,
+        parent: TreeNode | None,
+        state: NodeState,
+        priority: int = 0,
     ) -> TreeNode:
         self._next_id += 1
-        return TreeNode(self._next_id, key, parent, state, self._tick, priority, self.page_size)
+        return TreeNode(
+            self._next_id, tokens, edge, parent, state, self._tick, priority, self.page_size
+        )
+
+    def _own_tokens(self, data: KeyBytes, start: int, stop: int) -> np.ndarray[Any, Any]:
+        """A new array of the token ids in key bytes ``[start, stop)``: int32 when all are in
+        ``[0, 2**31)`` (one reduction to check), else int64."""
+        span = np.frombuffer(data, dtype=_I64, count=(stop - start) // TOKEN_BYTES, offset=start)
+        if int(span.view(_U64).max()) <= _I32_MAX:
+            return span.astype(_I32)
+        return span.copy()
+
+    def _same(self, tokens: np.ndarray[Any, Any], data: memoryview, off: int) -> bool:
+        """Whether ``tokens`` equal the key bytes at ``off`` (``data`` holds all of them)."""
+        n = len(tokens)
+        if n > len(self._wide):
+            self._wide = np.empty(0, dtype=_I64)  # drop the view so the buffer can be replaced
+            self._wide_buf = bytearray(max(n, 2 * len(self._wide_buf) // TOKEN_BYTES) * 8)
+            self._wide = np.frombuffer(self._wide_buf, dtype=_I64)
+        np.copyto(self._wide[:n], tokens)
+        return self._wide_buf.startswith(data[off : off + n * TOKEN_BYTES])
 
     def _root_for(self, extra_key: str | None) -> TreeNode:
         root = self._roots.get(extra_key)
         if root is None:
             # A root is never evicted or locked; its state is nominal (an empty prefix is on
             # every tier). One root per extra key: namespaces never share a node.
-            root = self._new_node(b"", None, NodeState.BOTH)
+            root = self._new_node(_NO_TOKENS, b"", None, NodeState.BOTH)
             root.extra_key = extra_key
             self._roots[extra_key] = root
         return root
@@ -144,12 +179,13 @@ class RadixTreeBase:
         elif node.host_seq:
             self._host_heap.discard(node)
 
-    def _common_tokens(self, child_key: bytes, data: KeyBytes, off: int, end: int) -> int:
-        """Whole-page tokens that ``child_key`` shares with ``data[off:end]``."""
-        m = min(len(child_key), end - off) // TOKEN_BYTES
-        a = np.frombuffer(child_key, dtype=_I64, count=m)
+    def _common_tokens(
+        self, tokens: np.ndarray[Any, Any], data: KeyBytes, off: int, end: int
+    ) -> int:
+        """Whole-page tokens that ``tokens`` share with the key bytes ``data[off:end]``."""
+        m = min(len(tokens), (end - off) // TOKEN_BYTES)
         b = np.frombuffer(data, dtype=_I64, count=m, offset=off)
-        diff = np.flatnonzero(a != b)
+        diff = np.flatnonzero(tokens[:m] != b)
         first = int(diff[0]) if diff.size else m
         return first - first % self.page_size
 
@@ -159,11 +195,15 @@ class RadixTreeBase:
         The lower part stays the same object, so references to it (locks held by requests,
         heap entries, children's parent pointers) stay valid.
         """
-        kb = n_tokens * TOKEN_BYTES
         parent = node.parent
         assert parent is not None
-        assert 0 < kb < len(node.key)
-        upper = self._new_node(node.key[:kb], parent, node.state, node.priority)
+        tokens = node.tokens
+        assert 0 < n_tokens < len(tokens)
+        # Both parts are copies: a view would keep the whole old span alive after either
+        # part leaves the tree.
+        upper = self._new_node(
+            tokens[:n_tokens].copy(), node.edge, parent, node.state, node.priority
+        )
         upper.created = node.created
         upper.last_access = node.last_access
         upper.hit_count = node.hit_count
@@ -179,10 +219,11 @@ class RadixTreeBase:
             node.host_pages = node.host_pages[p:]
         if node.hashes is not None:
             upper.hashes, node.hashes = node.hashes[:p], node.hashes[p:]
-        parent.children[upper.key[: self._pb]] = upper
-        node.key = node.key[kb:]
+        parent.children[upper.edge] = upper
+        node.tokens = lower = tokens[n_tokens:].copy()
+        node.edge = lower[: self.page_size].astype(_I64).tobytes()
         node.parent = upper
-        upper.children[node.key[: self._pb]] = node
+        upper.children[node.edge] = node
         upper.n_dev_children = 1 if node.state.holds_device else 0
         # ``upper`` has a child in its own state, so it is no evictable leaf of either tier.
         return upper
@@ -216,11 +257,11 @@ class RadixTreeBase:
             child = node.children.get(bytes(data[off : off + pb]))
             if child is None:
                 break
-            ck = child.key
-            cut = len(ck) > end - off or not ck.startswith(data[off : off + len(ck)])
+            ck = child.tokens
+            cut = len(ck) * TOKEN_BYTES > end - off or not self._same(ck, data, off)
             if cut:
                 child = self._split(child, self._common_tokens(ck, data, off, end))
-                ck = child.key
+                ck = child.tokens
             child.hit_count += 1
             if child.dev_seq or child.host_seq:
                 self._touch(child, tick)
@@ -232,11 +273,11 @@ class RadixTreeBase:
                 last_dev = last_host = child
             elif st in _HOST_VALID:
                 on_device = False
-                host_bytes += len(ck)
+                host_bytes += len(ck) * TOKEN_BYTES
                 last_host = child
             else:
                 break
-            off += len(ck)
+            off += len(ck) * TOKEN_BYTES
             node = child
             if cut:
                 break
@@ -267,21 +308,21 @@ class RadixTreeBase:
             child = node.children.get(bytes(data[off : off + pb]))
             if child is None:
                 break
-            ck = child.key
-            if len(ck) > end - off or not ck.startswith(data[off : off + len(ck)]):
+            ck = child.tokens
+            if len(ck) * TOKEN_BYTES > end - off or not self._same(ck, data, off):
                 child = self._split(child, self._common_tokens(ck, data, off, end))
-                ck = child.key
+                ck = child.tokens
             if priority > child.priority:
                 child.priority = priority
             self._touch(child, tick)
             if child.state is _HOST:
                 host_only.append((child, off))
-            off += len(ck)
+            off += len(ck) * TOKEN_BYTES
             node = child
         return node, off, end, host_only
 
     def _attach(self, parent: TreeNode, child: TreeNode) -> None:
-        parent.children[child.key[: self._pb]] = child
+        parent.children[child.edge] = child
         if child.state.holds_device:
             parent.n_dev_children += 1
         self._refresh(parent)
@@ -302,12 +343,7 @@ class RadixTreeBase:
         tensor of page indices.
         """
         check_indices(device_indices, len(key), "device_indices")
-
-        def pages_of_span(start: int, stop: int) -> torch.Tensor:
-            part = device_indices[start // TOKEN_BYTES : stop // TOKEN_BYTES]
-            return self._own_pages(part, copy, "device_indices")
-
-        return self._insert(key, priority, pages_of_span)
+        return self._insert(key, priority, device_indices, True, copy)
 
     def insert_pages(self, key: RadixKey, device_pages: torch.Tensor, priority: int = 0) -> int:
         """:meth:`insert` for a caller that holds the page table already: ``key`` is whole
@@ -319,32 +355,40 @@ class RadixTreeBase:
         if len(key) % size:
             raise RadixInputError(f"insert_pages takes whole pages: {len(key)} tokens, page {size}")
         check_indices(device_pages, len(key) // size, "device_pages")
-        pb = self._pb
-
-        def pages_of_span(start: int, stop: int) -> torch.Tensor:
-            return device_pages[start // pb : stop // pb]
-
-        return self._insert(key, priority, pages_of_span)
+        return self._insert(key, priority, device_pages, False, False)
 
     def _insert(
-        self, key: RadixKey, priority: int, pages_of_span: Callable[[int, int], torch.Tensor]
+        self, key: RadixKey, priority: int, src: torch.Tensor, per_token: bool, copy: bool
     ) -> int:
-        """The body of both inserts; ``pages_of_span(start, stop)`` gives the pages of the key
-        bytes ``[start, stop)`` in a tensor the tree may keep (or raises: before any change)."""
+        """The body of both inserts. ``src`` holds a slot per token (``per_token``: checked and
+        converted to pages) or a page per page (kept as views)."""
         node, off, end, host_only = self._walk_for_insert(key, priority)
         cached = host_only[0][1] if host_only else off
         adopt = []  # converted (and checked) before anything changes state
         for h, start in host_only:
-            adopt.append((h, pages_of_span(start, start + h.num_tokens * TOKEN_BYTES)))
-        pages = pages_of_span(off, end) if off < end else None
+            stop = start + h.num_tokens * TOKEN_BYTES
+            adopt.append((h, self._span_pages(src, per_token, copy, start, stop)))
+        pages = self._span_pages(src, per_token, copy, off, end) if off < end else None
         for h, h_pages in adopt:  # the KV was recomputed: keep the caller's copy
             self._set_device_copy(h, h_pages)
         if pages is not None:
-            new = self._new_node(bytes(key.data[off:end]), node, _DEVICE, priority)
+            data = key.data
+            edge = bytes(data[off : off + self._pb])
+            new = self._new_node(self._own_tokens(data, off, end), edge, node, _DEVICE, priority)
             new.device_pages = pages
             self._dev_evictable += new.num_tokens
             self._attach(node, new)
         return cached // TOKEN_BYTES
+
+    def _span_pages(
+        self, src: torch.Tensor, per_token: bool, copy: bool, start: int, stop: int
+    ) -> torch.Tensor:
+        """The pages of the key bytes ``[start, stop)`` in a tensor the tree may keep (or a
+        :class:`RadixInputError` before anything changed)."""
+        if not per_token:
+            return src[start // self._pb : stop // self._pb]
+        part = src[start // TOKEN_BYTES : stop // TOKEN_BYTES]
+        return self._own_pages(part, copy, "device_indices")
 
     def _own_pages(self, slots: torch.Tensor, copy: bool, what: str) -> torch.Tensor:
         """The page indices of ``slots`` in a tensor the tree owns (``copy``) or a view."""
@@ -355,8 +399,9 @@ class RadixTreeBase:
         if slots.device.type == "cpu" and slots.numel():
             # At page 1 a page is a token: int32 halves what the tree stores (fresh memory
             # costs page faults); slots that do not fit stay int64.
+            # One reduction checks the range: negatives are huge as unsigned.
             flat = slots.numpy()
-            if int(flat.min()) >= 0 and int(flat.max()) <= _I32_MAX:
+            if int(flat.view(_U64).max()) <= _I32_MAX:
                 return torch.from_numpy(flat.astype(np.int32))  # timed faster than .to
         return slots.clone()
 
@@ -405,7 +450,9 @@ class RadixTreeBase:
         if off < end:
             part = host_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
             pages = self._own_pages(part, copy, "host_indices")
-            new = self._new_node(bytes(key.data[off:end]), node, _HOST, priority)
+            data = key.data
+            edge = bytes(data[off : off + self._pb])
+            new = self._new_node(self._own_tokens(data, off, end), edge, node, _HOST, priority)
             new.host_pages = pages
             self._host_evictable += new.num_tokens
             self._attach(node, new)
