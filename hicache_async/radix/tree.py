@@ -18,7 +18,7 @@ Eviction and tier transitions live in :mod:`hicache_async.radix.tiers`; this mod
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -139,15 +139,11 @@ class RadixTreeBase:
             return span.astype(_I32)
         return span.copy()
 
-    def _same(self, tokens: np.ndarray[Any, Any], data: memoryview, off: int) -> bool:
-        """Whether ``tokens`` equal the key bytes at ``off`` (``data`` holds all of them)."""
-        n = len(tokens)
-        if n > len(self._wide):
-            self._wide = np.empty(0, dtype=_I64)  # drop the view so the buffer can be replaced
-            self._wide_buf = bytearray(max(n, 2 * len(self._wide_buf) // TOKEN_BYTES) * 8)
-            self._wide = np.frombuffer(self._wide_buf, dtype=_I64)
-        np.copyto(self._wide[:n], tokens)
-        return self._wide_buf.startswith(data[off : off + n * TOKEN_BYTES])
+    def _grow_wide(self, n: int) -> None:
+        """Make the widening buffer hold at least ``n`` tokens."""
+        self._wide = np.empty(0, dtype=_I64)  # drop the view so the buffer can be replaced
+        self._wide_buf = bytearray(max(n, 2 * len(self._wide_buf) // TOKEN_BYTES) * TOKEN_BYTES)
+        self._wide = np.frombuffer(self._wide_buf, dtype=_I64)
 
     def _root_for(self, extra_key: str | None) -> TreeNode:
         root = self._roots.get(extra_key)
@@ -258,7 +254,13 @@ class RadixTreeBase:
             if child is None:
                 break
             ck = child.tokens
-            cut = len(ck) * TOKEN_BYTES > end - off or not self._same(ck, data, off)
+            nb = len(ck) * TOKEN_BYTES
+            cut = nb > end - off
+            if not cut:  # widen the node's ids next to the key's, then one memcmp
+                if nb > len(self._wide_buf):
+                    self._grow_wide(len(ck))
+                self._wide[: len(ck)] = ck
+                cut = not self._wide_buf.startswith(data[off : off + nb])
             if cut:
                 child = self._split(child, self._common_tokens(ck, data, off, end))
                 ck = child.tokens
@@ -309,7 +311,14 @@ class RadixTreeBase:
             if child is None:
                 break
             ck = child.tokens
-            if len(ck) * TOKEN_BYTES > end - off or not self._same(ck, data, off):
+            nb = len(ck) * TOKEN_BYTES
+            cut = nb > end - off
+            if not cut:  # as in match_prefix
+                if nb > len(self._wide_buf):
+                    self._grow_wide(len(ck))
+                self._wide[: len(ck)] = ck
+                cut = not self._wide_buf.startswith(data[off : off + nb])
+            if cut:
                 child = self._split(child, self._common_tokens(ck, data, off, end))
                 ck = child.tokens
             if priority > child.priority:
@@ -387,23 +396,29 @@ class RadixTreeBase:
         :class:`RadixInputError` before anything changed)."""
         if not per_token:
             return src[start // self._pb : stop // self._pb]
-        part = src[start // TOKEN_BYTES : stop // TOKEN_BYTES]
-        return self._own_pages(part, copy, "device_indices")
+        a, b = start // TOKEN_BYTES, stop // TOKEN_BYTES
+        if src.device.type == "cpu" and (copy or self.page_size > 1):
+            return self._own_pages_np(src.numpy()[a:b], "device_indices")  # numpy slices
+        return self._own_pages(src[a:b], copy, "device_indices")  # are cheaper than torch's
 
     def _own_pages(self, slots: torch.Tensor, copy: bool, what: str) -> torch.Tensor:
         """The page indices of ``slots`` in a tensor the tree owns (``copy``) or a view."""
+        if slots.device.type == "cpu" and (copy or self.page_size > 1):
+            return self._own_pages_np(slots.numpy(), what)
         if self.page_size > 1:
             return self._to_pages(slots, what)  # a new tensor already
-        if not copy:
-            return slots
-        if slots.device.type == "cpu" and slots.numel():
-            # At page 1 a page is a token: int32 halves what the tree stores (fresh memory
-            # costs page faults); slots that do not fit stay int64.
-            # One reduction checks the range: negatives are huge as unsigned.
-            flat = slots.numpy()
-            if int(flat.view(_U64).max()) <= _I32_MAX:
-                return torch.from_numpy(flat.astype(np.int32))  # timed faster than .to
-        return slots.clone()
+        return slots.clone() if copy else slots
+
+    def _own_pages_np(self, flat: np.ndarray[Any, Any], what: str) -> torch.Tensor:
+        """:meth:`_own_pages` of CPU slots, always a new tensor."""
+        if self.page_size > 1:
+            return self._to_pages_np(flat, what)
+        # At page 1 a page is a token: int32 halves what the tree stores (fresh memory costs
+        # page faults); slots that do not fit stay int64. One reduction checks the range:
+        # negatives are huge as unsigned.
+        if flat.size and int(flat.view(_U64).max()) <= _I32_MAX:
+            return torch.from_numpy(flat.astype(_I32))  # timed faster than torch's .to
+        return torch.from_numpy(flat.copy())
 
     def _to_pages(self, slots: torch.Tensor, what: str) -> torch.Tensor:
         """The page indices of token ``slots`` (whole pages, each in order), or a
@@ -413,31 +428,43 @@ class RadixTreeBase:
         if size == 1 or not slots.numel():
             return slots
         if slots.device.type == "cpu":
-            flat = slots.numpy()
-            first = flat[::size]
-            n = flat.size
-            if len(self._scratch) < n:
-                grown = max(n, 2 * len(self._scratch))
-                self._scratch = np.empty(grown, dtype=_I64)
-                self._ones = np.ones(grown, dtype=_I64).tobytes()
-            steps = self._scratch[: n - 1]
-            np.subtract(flat[1:], flat[:-1], out=steps)  # 1 inside a page, any across pages
-            steps[size - 1 :: size] = 1
-            ok = self._ones.startswith(steps.data.cast("B"))  # all 1: one memcmp
-            if size & (size - 1) == 0:  # a power of two: shift and mask
-                shift = size.bit_length() - 1
-                ok = ok and not int(np.bitwise_or.reduce(first)) & (size - 1)
-                pages = torch.from_numpy(first >> shift)
-            else:
-                ok = ok and not (first % size).any()
-                pages = torch.from_numpy(first // size)
-        else:
-            pages, ok = pages_of(slots, size)
+            return self._to_pages_np(slots.numpy(), what)
+        pages, ok = pages_of(slots, size)
         if not ok:
-            raise RadixInputError(
-                f"{what} must be whole pages of {size} slots, each in order from a multiple "
-                f"of {size} (as the paged pools allocate them)"
-            )
+            self._not_pages(what)
+        return pages
+
+    def _not_pages(self, what: str) -> NoReturn:
+        size = self.page_size
+        raise RadixInputError(
+            f"{what} must be whole pages of {size} slots, each in order from a multiple "
+            f"of {size} (as the paged pools allocate them)"
+        )
+
+    def _to_pages_np(self, flat: np.ndarray[Any, Any], what: str) -> torch.Tensor:
+        """:meth:`_to_pages` of CPU slots (page size > 1): a new tensor."""
+        size = self.page_size
+        n = flat.size
+        if not n:
+            return torch.from_numpy(flat.copy())
+        first = flat[::size]
+        if len(self._scratch) < n:
+            grown = max(n, 2 * len(self._scratch))
+            self._scratch = np.empty(grown, dtype=_I64)
+            self._ones = np.ones(grown, dtype=_I64).tobytes()
+        steps = self._scratch[: n - 1]
+        np.subtract(flat[1:], flat[:-1], out=steps)  # 1 inside a page, any across pages
+        steps[size - 1 :: size] = 1
+        ok = self._ones.startswith(steps.data)  # all 1: one memcmp
+        if size & (size - 1) == 0:  # a power of two: shift and mask
+            shift = size.bit_length() - 1
+            ok = ok and not int(np.bitwise_or.reduce(first)) & (size - 1)
+            pages = torch.from_numpy(first >> shift)
+        else:
+            ok = ok and not (first % size).any()
+            pages = torch.from_numpy(first // size)
+        if not ok:
+            self._not_pages(what)
         return pages
 
     def insert_host(
