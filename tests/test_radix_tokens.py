@@ -120,3 +120,14 @@ def test_hashes_of_narrow_and_wide_nodes() -> None:
     assert wide.tokens.dtype == np.int64
     with pytest.raises(RadixInputError, match="int32"):
         tree.page_hashes(wide)  # as for any key: hashes need ids that fit int32
+
+
+def test_narrow_hashes_equal_the_int64_path() -> None:
+    from hicache_async.radix import hash_pages
+    from hicache_async.radix.hashing import hash_narrow_pages
+
+    ids = [0, 1, 2**31 - 1, 70000, 5, 6]
+    wide = np.asarray(ids, dtype="<i8").tobytes()
+    narrow = np.asarray(ids, dtype="<i4").tobytes()
+    for extra, parent in ((None, None), ("ns", None), (None, "ab" * 32)):
+        assert hash_narrow_pages(narrow, 2, extra, parent) == hash_pages(wide, 2, extra, parent)

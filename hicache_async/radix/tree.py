@@ -25,7 +25,7 @@ import torch
 
 from hicache_async.config import EvictionPolicy
 from hicache_async.errors import IndexStateError
-from hicache_async.radix.hashing import hash_pages
+from hicache_async.radix.hashing import hash_narrow_pages, hash_pages
 from hicache_async.radix.key import TOKEN_BYTES, KeyBytes, RadixInputError, RadixKey
 from hicache_async.radix.node import MatchResult, NodeState, Tier, TreeNode
 from hicache_async.radix.policy import EvictionHeap, make_policy
@@ -617,7 +617,11 @@ class RadixTreeBase:
         else:
             prev = x.hashes[-1] if x.hashes else None
         for n in reversed(todo):
-            n.hashes = hash_pages(n.key, self.page_size, extra if prev is None else None, prev)
+            ext = extra if prev is None else None
+            if n.tokens.dtype == _I32:  # already narrowed: hash the bytes as they are
+                n.hashes = hash_narrow_pages(n.tokens.tobytes(), self.page_size, ext, prev)
+            else:
+                n.hashes = hash_pages(n.key, self.page_size, ext, prev)
             prev = n.hashes[-1]
         return node.hashes or []
 
