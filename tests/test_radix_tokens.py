@@ -131,3 +131,21 @@ def test_narrow_hashes_equal_the_int64_path() -> None:
     narrow = np.asarray(ids, dtype="<i4").tobytes()
     for extra, parent in ((None, None), ("ns", None), (None, "ab" * 32)):
         assert hash_narrow_pages(narrow, 2, extra, parent) == hash_pages(wide, 2, extra, parent)
+
+
+@pytest.mark.parametrize("page", [1, 4])
+@pytest.mark.parametrize("where", [0, 1, 63, 64, 65, 255, 256, 257, 1000, 5000, 8191])
+def test_split_point_in_long_nodes(page: int, where: int) -> None:
+    """The common prefix of a long node and a key that leaves it anywhere (chunk edges)."""
+    n = 8192
+    ids = list(range(n))
+    for wide in (False, True):
+        tree = RadixTree(page_size=page)
+        base = [t + (2**40 if wide else 0) for t in ids]
+        tree.insert(RadixKey(base), _slots(0, n))
+        other = [*base[:where], -5, *base[where + 1 :]]
+        got = tree.match_prefix(RadixKey(other)).device_hit_length
+        assert got == where - where % page
+        shorter = tree.match_prefix(RadixKey(base[: where + 1])).device_hit_length
+        assert shorter == (where + 1) - (where + 1) % page
+        tree.check()

@@ -178,11 +178,33 @@ class RadixTreeBase:
     def _common_tokens(
         self, tokens: np.ndarray[Any, Any], data: KeyBytes, off: int, end: int
     ) -> int:
-        """Whole-page tokens that ``tokens`` share with the key bytes ``data[off:end]``."""
-        m = min(len(tokens), (end - off) // TOKEN_BYTES)
-        b = np.frombuffer(data, dtype=_I64, count=m, offset=off)
-        diff = np.flatnonzero(tokens[:m] != b)
-        first = int(diff[0]) if diff.size else m
+        """Whole-page tokens that ``tokens`` share with the key bytes ``data[off:end]``.
+
+        Work and memory in proportion to the common part, not to the node: chunks of doubling
+        size are widened and memcmp'd until one differs, which is then halved down to a few
+        tokens for numpy (a node can be far longer than where a key leaves it)."""
+        tb = TOKEN_BYTES
+        m = min(len(tokens), (end - off) // tb)
+        if m > len(self._wide):
+            self._grow_wide(m)
+        wide, buf = self._wide, self._wide_buf
+        lo, step = 0, 256
+        while True:
+            if lo >= m:
+                return m - m % self.page_size
+            hi = min(m, lo + step)
+            wide[lo:hi] = tokens[lo:hi]
+            if not buf.startswith(data[off + lo * tb : off + hi * tb], lo * tb):
+                break
+            lo, step = hi, 2 * step
+        while hi - lo > 64:  # the first difference is in [lo, hi)
+            mid = (lo + hi) // 2
+            if buf.startswith(data[off + lo * tb : off + mid * tb], lo * tb):
+                lo = mid
+            else:
+                hi = mid
+        b = np.frombuffer(data, dtype=_I64, count=hi - lo, offset=off + lo * tb)
+        first = lo + int(np.not_equal(wide[lo:hi], b).argmax())
         return first - first % self.page_size
 
     def _split(self, node: TreeNode, n_tokens: int) -> TreeNode:
