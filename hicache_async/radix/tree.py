@@ -36,6 +36,7 @@ _I64 = np.dtype("<i8")
 _I32 = np.dtype("<i4")
 _U64 = np.dtype("<u8")
 _I32_MAX = 2**31 - 1
+_UMAX = np.maximum.reduce  # ndarray.max goes through a Python-level wrapper
 _NO_TOKENS = np.empty(0, dtype=_I32)
 _NO_TOKENS.flags.writeable = False
 _DEVICE = NodeState.DEVICE
@@ -135,7 +136,7 @@ class RadixTreeBase:
         """A new array of the token ids in key bytes ``[start, stop)``: int32 when all are in
         ``[0, 2**31)`` (one reduction to check), else int64."""
         span = np.frombuffer(data, dtype=_I64, count=(stop - start) // TOKEN_BYTES, offset=start)
-        if int(span.view(_U64).max()) <= _I32_MAX:
+        if int(_UMAX(span.view(_U64))) <= _I32_MAX:
             return span.astype(_I32)
         return span.copy()
 
@@ -438,7 +439,7 @@ class RadixTreeBase:
         # At page 1 a page is a token: int32 halves what the tree stores (fresh memory costs
         # page faults); slots that do not fit stay int64. One reduction checks the range:
         # negatives are huge as unsigned.
-        if flat.size and int(flat.view(_U64).max()) <= _I32_MAX:
+        if flat.size and int(_UMAX(flat.view(_U64))) <= _I32_MAX:
             return torch.from_numpy(flat.astype(_I32))  # timed faster than torch's .to
         return torch.from_numpy(flat.copy())
 
