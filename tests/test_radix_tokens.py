@@ -71,6 +71,8 @@ def test_node_key_and_edge_are_int64_bytes() -> None:
     tree.insert(RadixKey([5, 6, 7, 8]), _slots(0, 4))
     (node,) = _nodes(tree)
     assert node.tokens.dtype == np.int32
+    with pytest.raises(ValueError, match="read-only"):
+        node.tokens[0] = 9  # the ids are the index: readers cannot change them
     assert node.key == _le64([5, 6, 7, 8])
     assert node.edge == _le64([5, 6])
     assert tree.root.children[node.edge] is node
@@ -98,6 +100,8 @@ def test_split_parts_do_not_share_memory() -> None:
     assert (upper.num_tokens, lower.num_tokens) == (4, 8)
     assert upper.tokens.base is None
     assert lower.tokens.base is None
+    assert not upper.tokens.flags.writeable
+    assert not lower.tokens.flags.writeable
     assert not np.shares_memory(upper.tokens, lower.tokens)
     assert lower.edge == _le64([4, 5])
     assert upper.children[lower.edge] is lower

@@ -70,10 +70,10 @@ class TreeNode:
     16; at page 1 (a page is a token) as int32 when they fit. ``device_indices`` /
     ``host_indices`` expand them to int64 token slots on demand.
 
-    The span's token ids are kept in ``tokens``, a numpy array the node owns: int32 when every id
-    is in ``[0, 2**31)`` (half the bytes to store: fresh memory costs page faults), else int64.
-    ``key`` gives them as int64-LE bytes (a new copy on each call), ``edge`` is the int64-LE
-    bytes of the first page, under which the parent files the node.
+    The span's token ids are kept in ``tokens``, a read-only numpy array the node owns: int32
+    when every id is in ``[0, 2**31)`` (half the bytes to store: fresh memory costs page
+    faults), else int64. ``key`` gives them as int64-LE bytes (a new copy on each call),
+    ``edge`` is the int64-LE bytes of the first page, under which the parent files the node.
     """
 
     __slots__ = (

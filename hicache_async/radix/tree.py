@@ -48,6 +48,12 @@ _DEVICE_VALID = frozenset({NodeState.DEVICE, NodeState.BOTH, NodeState.BACKING_U
 _HOST_VALID = frozenset({NodeState.HOST, NodeState.BOTH, NodeState.LOADING})
 
 
+def _frozen(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """``a``, read-only: a node's ids are the index, and readers get the array itself."""
+    a.flags.writeable = False
+    return a
+
+
 def pages_of(slots: torch.Tensor, page_size: int) -> tuple[torch.Tensor, bool]:
     """The pages of token ``slots`` on any device (torch ops), and whether the slots are whole,
     in-order pages."""
@@ -136,9 +142,9 @@ class RadixTreeBase:
         """A new array of the token ids in key bytes ``[start, stop)``: int32 when all are in
         ``[0, 2**31)`` (one reduction to check), else int64."""
         span = np.frombuffer(data, dtype=_I64, count=(stop - start) // TOKEN_BYTES, offset=start)
-        if int(_UMAX(span.view(_U64))) <= _I32_MAX:
-            return span.astype(_I32)
-        return span.copy()
+        return _frozen(
+            span.astype(_I32) if int(_UMAX(span.view(_U64))) <= _I32_MAX else span.copy()
+        )
 
     def _grow_wide(self, n: int) -> None:
         """Make the widening buffer hold at least ``n`` tokens."""
@@ -221,7 +227,7 @@ class RadixTreeBase:
         # Both parts are copies: a view would keep the whole old span alive after either
         # part leaves the tree.
         upper = self._new_node(
-            tokens[:n_tokens].copy(), node.edge, parent, node.state, node.priority
+            _frozen(tokens[:n_tokens].copy()), node.edge, parent, node.state, node.priority
         )
         upper.created = node.created
         upper.last_access = node.last_access
@@ -239,7 +245,7 @@ class RadixTreeBase:
         if node.hashes is not None:
             upper.hashes, node.hashes = node.hashes[:p], node.hashes[p:]
         parent.children[upper.edge] = upper
-        node.tokens = lower = tokens[n_tokens:].copy()
+        node.tokens = lower = _frozen(tokens[n_tokens:].copy())
         node.edge = lower[: self.page_size].astype(_I64).tobytes()
         node.parent = upper
         upper.children[node.edge] = node
