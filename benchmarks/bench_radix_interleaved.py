@@ -6,7 +6,8 @@ moved figures by up to 6x between runs. Here every request is matched and insert
 implementations back to back (rotating which goes first), so both see the same machine state;
 the per-op ratio is the figure to trust. ``--impls`` with one name interleaves only that
 implementation's page sizes (its standalone figures, without the other's cache pollution);
-``hicache_async_slots`` is our adapter with per-token hit slots built on every match (see
+``hicache_async_slots`` is our adapter with per-token hit slots built on every match,
+``hicache_async_pages`` inserts through ``insert_pages`` as the session commits (see
 ``peers_adapter.py``).
 Run it with the peers venv:
 
@@ -40,7 +41,7 @@ def main() -> None:
     import bench_radix as br  # the peers harness: its trace loader and SGLang adapter
     import torch
 
-    from benchmarks.peers_adapter import make_cache, make_cache_slots
+    from benchmarks.peers_adapter import make_cache, make_cache_pages, make_cache_slots
 
     ns = argparse.Namespace(
         trace=a.trace or f"{a.peers_dir}/../data/mooncake_fast25_conversation_trace.jsonl",
@@ -54,6 +55,7 @@ def main() -> None:
         "sglang": br.SGLangRadix,
         "hicache_async": make_cache,
         "hicache_async_slots": make_cache_slots,
+        "hicache_async_pages": make_cache_pages,
     }
     load0 = os.getloadavg()
     combos = [(i, int(p)) for i in a.impls.split(",") for p in a.page_sizes.split(",")]

@@ -56,9 +56,27 @@ class HiCacheRadixSlots(HiCacheRadix):
         return int(r.device_indices.numel())
 
 
+class HiCacheRadixPages(HiCacheRadix):
+    """Insert as the session commits (``insert_pages``): the caller holds the page table (here
+    built from the per-token slots, as an allocator would hand it over) and the tree keeps
+    views of it: no slot check, no copy (at page 1 the harness's slot tensor itself, which it
+    never writes). Not SGLang's contract (it clones the slots), so not the headline figure."""
+
+    def insert(self, tokens: array[int], value: torch.Tensor) -> int:
+        size = self.tree.page_size
+        n = len(tokens) // size * size
+        pages = value[:n] if size == 1 else value[:n:size] // size
+        key = RadixKey(tokens, copy=False)
+        return self.tree.insert_pages(key if n == len(tokens) else key.prefix(n), pages)
+
+
 def make_cache(page_size: int) -> HiCacheRadix:
     return HiCacheRadix(page_size)
 
 
 def make_cache_slots(page_size: int) -> HiCacheRadix:
     return HiCacheRadixSlots(page_size)
+
+
+def make_cache_pages(page_size: int) -> HiCacheRadix:
+    return HiCacheRadixPages(page_size)

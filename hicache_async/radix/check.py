@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from hicache_async.errors import IndexStateError
@@ -29,9 +30,16 @@ def _check_node(tree: RadixTree, x: TreeNode, pb: int) -> None:
     st = x.state
     if st is NodeState.REMOVED:
         _fail(f"{x!r} is REMOVED but still in the tree")
-    if not x.key or len(x.key) % pb:
-        _fail(f"{x!r} key of {len(x.key)} bytes is not whole pages of {pb} bytes")
-    if parent.children.get(x.key[:pb]) is not x:
+    tokens = x.tokens
+    if tokens.dtype not in (np.int32, np.int64) or tokens.ndim != 1:
+        _fail(f"{x!r} tokens have dtype {tokens.dtype} and shape {tokens.shape}")
+    if tokens.dtype == np.int32 and tokens.size and int(tokens.min()) < 0:
+        _fail(f"{x!r} keeps negative token ids as int32")
+    if not n or n % tree.page_size:
+        _fail(f"{x!r} has {n} tokens, not whole pages of {tree.page_size}")
+    if x.edge != x.key[:pb]:
+        _fail(f"{x!r} edge is not the bytes of its first page")
+    if parent.children.get(x.edge) is not x:
         _fail(f"{x!r} is not filed under its first page in its parent {parent!r}")
     for tier, idx, holds in (
         ("device", x.device_pages, st.holds_device),
@@ -80,7 +88,7 @@ def check_tree(tree: RadixTree) -> None:
     dev_members: set[int] = set()
     host_members: set[int] = set()
     for extra, root in tree._roots.items():
-        if root.parent is not None or root.key or root.extra_key != extra:
+        if root.parent is not None or root.num_tokens or root.edge or root.extra_key != extra:
             _fail(f"root {root!r} for extra key {extra!r} is malformed")
         if root.device_lock_ref or root.host_lock_ref or root.dev_seq or root.host_seq:
             _fail(f"root {root!r} is locked or evictable")

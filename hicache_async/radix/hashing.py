@@ -24,7 +24,7 @@ from hicache_async.radix.key import RadixInputError, TokenIds, tokens_to_bytes
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _EXTRA_KEY_TAG = b"hicache-extra-key\0"
 
-__all__ = ["hash_pages", "namespace_digest", "page_hashes"]
+__all__ = ["hash_narrow_pages", "hash_pages", "namespace_digest", "page_hashes"]
 
 
 def namespace_digest(extra_key: str) -> bytes:
@@ -44,7 +44,17 @@ def hash_pages(
     ids = np.frombuffer(data, dtype="<i8")
     if ids.size and (int(ids.min()) < _I32_MIN or int(ids.max()) > _I32_MAX):
         raise RadixInputError("page hashes need token ids that fit in int32")
-    narrow = ids.astype("<i4").tobytes()
+    return hash_narrow_pages(ids.astype("<i4").tobytes(), page_size, extra_key, parent_hash)
+
+
+def hash_narrow_pages(
+    narrow: bytes,
+    page_size: int,
+    extra_key: str | None = None,
+    parent_hash: str | None = None,
+) -> list[str]:
+    """:func:`hash_pages` of token ids already narrowed to int32-LE bytes (as tree nodes keep
+    them when they fit)."""
     step = page_size * 4
     n = len(narrow) // step * step
     out: list[str] = []

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from typing import Any
 
+import numpy as np
 import torch
 
 from hicache_async.memory.slots import pages_to_slots
-from hicache_async.radix.key import TOKEN_BYTES
 
 __all__ = ["EvictResult", "MatchResult", "NodeState", "Tier", "TreeNode"]
+
+_I64 = np.dtype("<i8")
 
 
 class Tier(StrEnum):
@@ -66,6 +69,11 @@ class TreeNode:
     token slot = page * page_size + offset), not per token: 16x less to store and copy at page
     16; at page 1 (a page is a token) as int32 when they fit. ``device_indices`` /
     ``host_indices`` expand them to int64 token slots on demand.
+
+    The span's token ids are kept in ``tokens``, a read-only numpy array the node owns: int32
+    when every id is in ``[0, 2**31)`` (half the bytes to store: fresh memory costs page
+    faults), else int64. ``key`` gives them as int64-LE bytes (a new copy on each call),
+    ``edge`` is the int64-LE bytes of the first page, under which the parent files the node.
     """
 
     __slots__ = (
@@ -74,6 +82,7 @@ class TreeNode:
         "dev_seq",
         "device_lock_ref",
         "device_pages",
+        "edge",
         "extra_key",
         "hashes",
         "hit_count",
@@ -81,20 +90,21 @@ class TreeNode:
         "host_pages",
         "host_seq",
         "id",
-        "key",
         "last_access",
         "n_dev_children",
         "page_size",
         "parent",
         "priority",
         "state",
+        "tokens",
         "written",
     )
 
     def __init__(
         self,
         node_id: int,
-        key: bytes,
+        tokens: np.ndarray[Any, Any],
+        edge: bytes,
         parent: TreeNode | None,
         state: NodeState,
         tick: int,
@@ -103,7 +113,8 @@ class TreeNode:
     ) -> None:
         self.id = node_id  # from the tree's own counter
         self.page_size = page_size
-        self.key = key  # int64-LE token bytes of this node's span
+        self.tokens = tokens  # token ids of this node's span (int32 when they fit, else int64)
+        self.edge = edge  # int64-LE bytes of the first page: this node's key in parent.children
         self.parent = parent  # None only for a namespace root
         self.children: dict[bytes, TreeNode] = {}  # keyed by the child's first page bytes
         self.state = state
@@ -124,7 +135,13 @@ class TreeNode:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.key) // TOKEN_BYTES
+        return len(self.tokens)
+
+    @property
+    def key(self) -> bytes:
+        """The span's token ids as int64-LE bytes (built on each call: not for hot paths)."""
+        t = self.tokens
+        return (t if t.dtype == _I64 else t.astype(_I64)).tobytes()
 
     @property
     def is_root(self) -> bool:

@@ -138,7 +138,7 @@ class RadixTree(RadixTreeBase):
         """Take ``node`` and everything below it out of the tree (all unlocked)."""
         parent = node.parent
         assert parent is not None
-        del parent.children[node.key[: self._pb]]
+        del parent.children[node.edge]
         if node.state.holds_device:
             parent.n_dev_children -= 1
         stack = [node]

@@ -1,9 +1,11 @@
 """The radix tree over token pages: match, insert, split, lock refs, lazy page hashes.
 
 Synchronous by design: the event loop owns it (no locks, no awaits). Keys are int64-LE bytes;
-children are keyed by their first page's bytes, and a node's whole span is compared with one
-``bytes.startswith`` (a ``memcmp``), so neither match nor insert does per-token or per-page Python
-work. Nodes keep one page index per page, not one slot per token: inserts take token slots
+children are keyed by their first page's bytes (``TreeNode.edge``). A node keeps its token ids as
+int32 when they fit (half the fresh memory per insert, which dominated its cost), widens them
+into a reused buffer to compare a whole span with one ``bytearray.startswith`` (a ``memcmp``), so
+neither match nor insert does per-token or per-page Python work. Nodes keep one page index per
+page, not one slot per token: inserts take token slots
 (whole, in-order pages, as the paged pools hand out) and keep ``slots[::page_size] //
 page_size``. Page hashes are computed only when asked for (:meth:`RadixTree.page_hashes`).
 
@@ -16,14 +18,14 @@ Eviction and tier transitions live in :mod:`hicache_async.radix.tiers`; this mod
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
 from hicache_async.config import EvictionPolicy
 from hicache_async.errors import IndexStateError
-from hicache_async.radix.hashing import hash_pages
+from hicache_async.radix.hashing import hash_narrow_pages, hash_pages
 from hicache_async.radix.key import TOKEN_BYTES, KeyBytes, RadixInputError, RadixKey
 from hicache_async.radix.node import MatchResult, NodeState, Tier, TreeNode
 from hicache_async.radix.policy import EvictionHeap, make_policy
@@ -31,7 +33,12 @@ from hicache_async.radix.policy import EvictionHeap, make_policy
 __all__ = ["RadixTreeBase"]
 
 _I64 = np.dtype("<i8")
+_I32 = np.dtype("<i4")
+_U64 = np.dtype("<u8")
 _I32_MAX = 2**31 - 1
+_UMAX = np.maximum.reduce  # ndarray.max goes through a Python-level wrapper
+_NO_TOKENS = np.empty(0, dtype=_I32)
+_NO_TOKENS.flags.writeable = False
 _DEVICE = NodeState.DEVICE
 _HOST = NodeState.HOST
 _BOTH = NodeState.BOTH
@@ -39,6 +46,12 @@ _LOADING = NodeState.LOADING
 _REMOVED = NodeState.REMOVED
 _DEVICE_VALID = frozenset({NodeState.DEVICE, NodeState.BOTH, NodeState.BACKING_UP})
 _HOST_VALID = frozenset({NodeState.HOST, NodeState.BOTH, NodeState.LOADING})
+
+
+def _frozen(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """``a``, read-only: a node's ids are the index, and readers get the array itself."""
+    a.flags.writeable = False
+    return a
 
 
 def pages_of(slots: torch.Tensor, page_size: int) -> tuple[torch.Tensor, bool]:
@@ -79,6 +92,10 @@ class RadixTreeBase:
         self._pb = page_size * TOKEN_BYTES  # bytes per page
         self._scratch = np.empty(0, dtype=_I64)  # reused by _to_pages (grown, never shrunk)
         self._ones = b""  # as many int64 ones as the scratch holds
+        # Node tokens are widened to int64 here to be compared with a key's bytes by one
+        # ``bytearray.startswith`` (a memcmp; grown, never shrunk).
+        self._wide_buf = bytearray()
+        self._wide = np.frombuffer(self._wide_buf, dtype=_I64)
         self.policy = make_policy(eviction_policy)
         self._next_id = 0
         self._tick = 0  # logical clock: every match/insert is one tick
@@ -109,17 +126,38 @@ class RadixTreeBase:
     # ----------------------------------------------------------------------- nodes
 
     def _new_node(
-        self, key: bytes, parent: TreeNode | None, state: NodeState, priority: int = 0
+        self,
+        tokens: np.ndarray[Any, Any],
+        edge: bytes,
+        parent: TreeNode | None,
+        state: NodeState,
+        priority: int = 0,
     ) -> TreeNode:
         self._next_id += 1
-        return TreeNode(self._next_id, key, parent, state, self._tick, priority, self.page_size)
+        return TreeNode(
+            self._next_id, tokens, edge, parent, state, self._tick, priority, self.page_size
+        )
+
+    def _own_tokens(self, data: KeyBytes, start: int, stop: int) -> np.ndarray[Any, Any]:
+        """A new array of the token ids in key bytes ``[start, stop)``: int32 when all are in
+        ``[0, 2**31)`` (one reduction to check), else int64."""
+        span = np.frombuffer(data, dtype=_I64, count=(stop - start) // TOKEN_BYTES, offset=start)
+        return _frozen(
+            span.astype(_I32) if int(_UMAX(span.view(_U64))) <= _I32_MAX else span.copy()
+        )
+
+    def _grow_wide(self, n: int) -> None:
+        """Make the widening buffer hold at least ``n`` tokens."""
+        self._wide = np.empty(0, dtype=_I64)  # drop the view so the buffer can be replaced
+        self._wide_buf = bytearray(max(n, 2 * len(self._wide_buf) // TOKEN_BYTES) * TOKEN_BYTES)
+        self._wide = np.frombuffer(self._wide_buf, dtype=_I64)
 
     def _root_for(self, extra_key: str | None) -> TreeNode:
         root = self._roots.get(extra_key)
         if root is None:
             # A root is never evicted or locked; its state is nominal (an empty prefix is on
             # every tier). One root per extra key: namespaces never share a node.
-            root = self._new_node(b"", None, NodeState.BOTH)
+            root = self._new_node(_NO_TOKENS, b"", None, NodeState.BOTH)
             root.extra_key = extra_key
             self._roots[extra_key] = root
         return root
@@ -144,13 +182,36 @@ class RadixTreeBase:
         elif node.host_seq:
             self._host_heap.discard(node)
 
-    def _common_tokens(self, child_key: bytes, data: KeyBytes, off: int, end: int) -> int:
-        """Whole-page tokens that ``child_key`` shares with ``data[off:end]``."""
-        m = min(len(child_key), end - off) // TOKEN_BYTES
-        a = np.frombuffer(child_key, dtype=_I64, count=m)
-        b = np.frombuffer(data, dtype=_I64, count=m, offset=off)
-        diff = np.flatnonzero(a != b)
-        first = int(diff[0]) if diff.size else m
+    def _common_tokens(
+        self, tokens: np.ndarray[Any, Any], data: KeyBytes, off: int, end: int
+    ) -> int:
+        """Whole-page tokens that ``tokens`` share with the key bytes ``data[off:end]``.
+
+        Work and memory in proportion to the common part, not to the node: chunks of doubling
+        size are widened and memcmp'd until one differs, which is then halved down to a few
+        tokens for numpy (a node can be far longer than where a key leaves it)."""
+        tb = TOKEN_BYTES
+        m = min(len(tokens), (end - off) // tb)
+        if m > len(self._wide):
+            self._grow_wide(m)
+        wide, buf = self._wide, self._wide_buf
+        lo, step = 0, 256
+        while True:
+            if lo >= m:
+                return m - m % self.page_size
+            hi = min(m, lo + step)
+            wide[lo:hi] = tokens[lo:hi]
+            if not buf.startswith(data[off + lo * tb : off + hi * tb], lo * tb):
+                break
+            lo, step = hi, 2 * step
+        while hi - lo > 64:  # the first difference is in [lo, hi)
+            mid = (lo + hi) // 2
+            if buf.startswith(data[off + lo * tb : off + mid * tb], lo * tb):
+                lo = mid
+            else:
+                hi = mid
+        b = np.frombuffer(data, dtype=_I64, count=hi - lo, offset=off + lo * tb)
+        first = lo + int(np.not_equal(wide[lo:hi], b).argmax())
         return first - first % self.page_size
 
     def _split(self, node: TreeNode, n_tokens: int) -> TreeNode:
@@ -159,11 +220,15 @@ class RadixTreeBase:
         The lower part stays the same object, so references to it (locks held by requests,
         heap entries, children's parent pointers) stay valid.
         """
-        kb = n_tokens * TOKEN_BYTES
         parent = node.parent
         assert parent is not None
-        assert 0 < kb < len(node.key)
-        upper = self._new_node(node.key[:kb], parent, node.state, node.priority)
+        tokens = node.tokens
+        assert 0 < n_tokens < len(tokens)
+        # Both parts are copies: a view would keep the whole old span alive after either
+        # part leaves the tree.
+        upper = self._new_node(
+            _frozen(tokens[:n_tokens].copy()), node.edge, parent, node.state, node.priority
+        )
         upper.created = node.created
         upper.last_access = node.last_access
         upper.hit_count = node.hit_count
@@ -179,10 +244,11 @@ class RadixTreeBase:
             node.host_pages = node.host_pages[p:]
         if node.hashes is not None:
             upper.hashes, node.hashes = node.hashes[:p], node.hashes[p:]
-        parent.children[upper.key[: self._pb]] = upper
-        node.key = node.key[kb:]
+        parent.children[upper.edge] = upper
+        node.tokens = lower = _frozen(tokens[n_tokens:].copy())
+        node.edge = lower[: self.page_size].astype(_I64).tobytes()
         node.parent = upper
-        upper.children[node.key[: self._pb]] = node
+        upper.children[node.edge] = node
         upper.n_dev_children = 1 if node.state.holds_device else 0
         # ``upper`` has a child in its own state, so it is no evictable leaf of either tier.
         return upper
@@ -216,11 +282,17 @@ class RadixTreeBase:
             child = node.children.get(bytes(data[off : off + pb]))
             if child is None:
                 break
-            ck = child.key
-            cut = len(ck) > end - off or not ck.startswith(data[off : off + len(ck)])
+            ck = child.tokens
+            nb = len(ck) * TOKEN_BYTES
+            cut = nb > end - off
+            if not cut:  # widen the node's ids next to the key's, then one memcmp
+                if nb > len(self._wide_buf):
+                    self._grow_wide(len(ck))
+                self._wide[: len(ck)] = ck
+                cut = not self._wide_buf.startswith(data[off : off + nb])
             if cut:
                 child = self._split(child, self._common_tokens(ck, data, off, end))
-                ck = child.key
+                ck = child.tokens
             child.hit_count += 1
             if child.dev_seq or child.host_seq:
                 self._touch(child, tick)
@@ -232,11 +304,11 @@ class RadixTreeBase:
                 last_dev = last_host = child
             elif st in _HOST_VALID:
                 on_device = False
-                host_bytes += len(ck)
+                host_bytes += len(ck) * TOKEN_BYTES
                 last_host = child
             else:
                 break
-            off += len(ck)
+            off += len(ck) * TOKEN_BYTES
             node = child
             if cut:
                 break
@@ -267,21 +339,28 @@ class RadixTreeBase:
             child = node.children.get(bytes(data[off : off + pb]))
             if child is None:
                 break
-            ck = child.key
-            if len(ck) > end - off or not ck.startswith(data[off : off + len(ck)]):
+            ck = child.tokens
+            nb = len(ck) * TOKEN_BYTES
+            cut = nb > end - off
+            if not cut:  # as in match_prefix
+                if nb > len(self._wide_buf):
+                    self._grow_wide(len(ck))
+                self._wide[: len(ck)] = ck
+                cut = not self._wide_buf.startswith(data[off : off + nb])
+            if cut:
                 child = self._split(child, self._common_tokens(ck, data, off, end))
-                ck = child.key
+                ck = child.tokens
             if priority > child.priority:
                 child.priority = priority
             self._touch(child, tick)
             if child.state is _HOST:
                 host_only.append((child, off))
-            off += len(ck)
+            off += len(ck) * TOKEN_BYTES
             node = child
         return node, off, end, host_only
 
     def _attach(self, parent: TreeNode, child: TreeNode) -> None:
-        parent.children[child.key[: self._pb]] = child
+        parent.children[child.edge] = child
         if child.state.holds_device:
             parent.n_dev_children += 1
         self._refresh(parent)
@@ -302,12 +381,7 @@ class RadixTreeBase:
         tensor of page indices.
         """
         check_indices(device_indices, len(key), "device_indices")
-
-        def pages_of_span(start: int, stop: int) -> torch.Tensor:
-            part = device_indices[start // TOKEN_BYTES : stop // TOKEN_BYTES]
-            return self._own_pages(part, copy, "device_indices")
-
-        return self._insert(key, priority, pages_of_span)
+        return self._insert(key, priority, device_indices, True, copy)
 
     def insert_pages(self, key: RadixKey, device_pages: torch.Tensor, priority: int = 0) -> int:
         """:meth:`insert` for a caller that holds the page table already: ``key`` is whole
@@ -319,46 +393,61 @@ class RadixTreeBase:
         if len(key) % size:
             raise RadixInputError(f"insert_pages takes whole pages: {len(key)} tokens, page {size}")
         check_indices(device_pages, len(key) // size, "device_pages")
-        pb = self._pb
-
-        def pages_of_span(start: int, stop: int) -> torch.Tensor:
-            return device_pages[start // pb : stop // pb]
-
-        return self._insert(key, priority, pages_of_span)
+        return self._insert(key, priority, device_pages, False, False)
 
     def _insert(
-        self, key: RadixKey, priority: int, pages_of_span: Callable[[int, int], torch.Tensor]
+        self, key: RadixKey, priority: int, src: torch.Tensor, per_token: bool, copy: bool
     ) -> int:
-        """The body of both inserts; ``pages_of_span(start, stop)`` gives the pages of the key
-        bytes ``[start, stop)`` in a tensor the tree may keep (or raises: before any change)."""
+        """The body of both inserts. ``src`` holds a slot per token (``per_token``: checked and
+        converted to pages) or a page per page (kept as views)."""
         node, off, end, host_only = self._walk_for_insert(key, priority)
         cached = host_only[0][1] if host_only else off
         adopt = []  # converted (and checked) before anything changes state
         for h, start in host_only:
-            adopt.append((h, pages_of_span(start, start + h.num_tokens * TOKEN_BYTES)))
-        pages = pages_of_span(off, end) if off < end else None
+            stop = start + h.num_tokens * TOKEN_BYTES
+            adopt.append((h, self._span_pages(src, per_token, copy, start, stop)))
+        pages = self._span_pages(src, per_token, copy, off, end) if off < end else None
         for h, h_pages in adopt:  # the KV was recomputed: keep the caller's copy
             self._set_device_copy(h, h_pages)
         if pages is not None:
-            new = self._new_node(bytes(key.data[off:end]), node, _DEVICE, priority)
+            data = key.data
+            edge = bytes(data[off : off + self._pb])
+            new = self._new_node(self._own_tokens(data, off, end), edge, node, _DEVICE, priority)
             new.device_pages = pages
             self._dev_evictable += new.num_tokens
             self._attach(node, new)
         return cached // TOKEN_BYTES
 
+    def _span_pages(
+        self, src: torch.Tensor, per_token: bool, copy: bool, start: int, stop: int
+    ) -> torch.Tensor:
+        """The pages of the key bytes ``[start, stop)`` in a tensor the tree may keep (or a
+        :class:`RadixInputError` before anything changed)."""
+        if not per_token:
+            return src[start // self._pb : stop // self._pb]
+        a, b = start // TOKEN_BYTES, stop // TOKEN_BYTES
+        if src.device.type == "cpu" and (copy or self.page_size > 1):
+            return self._own_pages_np(src.numpy()[a:b], "device_indices")  # numpy slices
+        return self._own_pages(src[a:b], copy, "device_indices")  # are cheaper than torch's
+
     def _own_pages(self, slots: torch.Tensor, copy: bool, what: str) -> torch.Tensor:
         """The page indices of ``slots`` in a tensor the tree owns (``copy``) or a view."""
+        if slots.device.type == "cpu" and (copy or self.page_size > 1):
+            return self._own_pages_np(slots.numpy(), what)
         if self.page_size > 1:
             return self._to_pages(slots, what)  # a new tensor already
-        if not copy:
-            return slots
-        if slots.device.type == "cpu" and slots.numel():
-            # At page 1 a page is a token: int32 halves what the tree stores (fresh memory
-            # costs page faults); slots that do not fit stay int64.
-            flat = slots.numpy()
-            if int(flat.min()) >= 0 and int(flat.max()) <= _I32_MAX:
-                return torch.from_numpy(flat.astype(np.int32))  # timed faster than .to
-        return slots.clone()
+        return slots.clone() if copy else slots
+
+    def _own_pages_np(self, flat: np.ndarray[Any, Any], what: str) -> torch.Tensor:
+        """:meth:`_own_pages` of CPU slots, always a new tensor."""
+        if self.page_size > 1:
+            return self._to_pages_np(flat, what)
+        # At page 1 a page is a token: int32 halves what the tree stores (fresh memory costs
+        # page faults); slots that do not fit stay int64. One reduction checks the range:
+        # negatives are huge as unsigned.
+        if flat.size and int(_UMAX(flat.view(_U64))) <= _I32_MAX:
+            return torch.from_numpy(flat.astype(_I32))  # timed faster than torch's .to
+        return torch.from_numpy(flat.copy())
 
     def _to_pages(self, slots: torch.Tensor, what: str) -> torch.Tensor:
         """The page indices of token ``slots`` (whole pages, each in order), or a
@@ -368,31 +457,43 @@ class RadixTreeBase:
         if size == 1 or not slots.numel():
             return slots
         if slots.device.type == "cpu":
-            flat = slots.numpy()
-            first = flat[::size]
-            n = flat.size
-            if len(self._scratch) < n:
-                grown = max(n, 2 * len(self._scratch))
-                self._scratch = np.empty(grown, dtype=_I64)
-                self._ones = np.ones(grown, dtype=_I64).tobytes()
-            steps = self._scratch[: n - 1]
-            np.subtract(flat[1:], flat[:-1], out=steps)  # 1 inside a page, any across pages
-            steps[size - 1 :: size] = 1
-            ok = self._ones.startswith(steps.data.cast("B"))  # all 1: one memcmp
-            if size & (size - 1) == 0:  # a power of two: shift and mask
-                shift = size.bit_length() - 1
-                ok = ok and not int(np.bitwise_or.reduce(first)) & (size - 1)
-                pages = torch.from_numpy(first >> shift)
-            else:
-                ok = ok and not (first % size).any()
-                pages = torch.from_numpy(first // size)
-        else:
-            pages, ok = pages_of(slots, size)
+            return self._to_pages_np(slots.numpy(), what)
+        pages, ok = pages_of(slots, size)
         if not ok:
-            raise RadixInputError(
-                f"{what} must be whole pages of {size} slots, each in order from a multiple "
-                f"of {size} (as the paged pools allocate them)"
-            )
+            self._not_pages(what)
+        return pages
+
+    def _not_pages(self, what: str) -> NoReturn:
+        size = self.page_size
+        raise RadixInputError(
+            f"{what} must be whole pages of {size} slots, each in order from a multiple "
+            f"of {size} (as the paged pools allocate them)"
+        )
+
+    def _to_pages_np(self, flat: np.ndarray[Any, Any], what: str) -> torch.Tensor:
+        """:meth:`_to_pages` of CPU slots (page size > 1): a new tensor."""
+        size = self.page_size
+        n = flat.size
+        if not n:
+            return torch.from_numpy(flat.copy())
+        first = flat[::size]
+        if len(self._scratch) < n:
+            grown = max(n, 2 * len(self._scratch))
+            self._scratch = np.empty(grown, dtype=_I64)
+            self._ones = np.ones(grown, dtype=_I64).tobytes()
+        steps = self._scratch[: n - 1]
+        np.subtract(flat[1:], flat[:-1], out=steps)  # 1 inside a page, any across pages
+        steps[size - 1 :: size] = 1
+        ok = self._ones.startswith(steps.data)  # all 1: one memcmp
+        if size & (size - 1) == 0:  # a power of two: shift and mask
+            shift = size.bit_length() - 1
+            ok = ok and not int(np.bitwise_or.reduce(first)) & (size - 1)
+            pages = torch.from_numpy(first >> shift)
+        else:
+            ok = ok and not (first % size).any()
+            pages = torch.from_numpy(first // size)
+        if not ok:
+            self._not_pages(what)
         return pages
 
     def insert_host(
@@ -405,7 +506,9 @@ class RadixTreeBase:
         if off < end:
             part = host_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
             pages = self._own_pages(part, copy, "host_indices")
-            new = self._new_node(bytes(key.data[off:end]), node, _HOST, priority)
+            data = key.data
+            edge = bytes(data[off : off + self._pb])
+            new = self._new_node(self._own_tokens(data, off, end), edge, node, _HOST, priority)
             new.host_pages = pages
             self._host_evictable += new.num_tokens
             self._attach(node, new)
@@ -543,7 +646,11 @@ class RadixTreeBase:
         else:
             prev = x.hashes[-1] if x.hashes else None
         for n in reversed(todo):
-            n.hashes = hash_pages(n.key, self.page_size, extra if prev is None else None, prev)
+            ext = extra if prev is None else None
+            if n.tokens.dtype == _I32:  # already narrowed: hash the bytes as they are
+                n.hashes = hash_narrow_pages(n.tokens.tobytes(), self.page_size, ext, prev)
+            else:
+                n.hashes = hash_pages(n.key, self.page_size, ext, prev)
             prev = n.hashes[-1]
         return node.hashes or []
 
