@@ -391,7 +391,7 @@ class HiCache:
         write_through = self._backs_up_on_insert
         if new_tokens <= 0 or not (write_through or self.hub.active):
             return  # nothing to announce, nothing to back up
-        last = self.tree.match_prefix(key).last_device_node
+        last = self.tree.find(key)  # not match_prefix: announcing is no hit of the pages
         if self.hub.active:
             span = span_chain(last, new_tokens)
             self.hub.emit([stored_event(self.tree, node, StorageMedium.GPU) for node in span])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import anyio
@@ -61,6 +62,20 @@ async def test_write_through_selective_waits_for_the_second_hit() -> None:
         await serve(cache, PROMPT)
         await cache.drain()
         assert state_of(cache, PROMPT) is NodeState.BOTH  # hit twice: backed up
+
+
+@pytest.mark.parametrize("events", [False, True], ids=["quiet", "with_events"])
+async def test_write_through_selective_counts_hits_not_inserts(events: bool) -> None:
+    """Announcing an insert (KV events) must not count as a hit of what was inserted."""
+    cfg = config(write_policy="write_through_selective")
+    async with HiCache.open(cfg) as cache, cache.events() if events else contextlib.nullcontext():
+        await serve(cache, PROMPT)  # inserted
+        await serve(cache, PROMPT)  # hit once
+        await cache.drain()
+        assert state_of(cache, PROMPT) is NodeState.DEVICE
+        await serve(cache, PROMPT)  # hit twice
+        await cache.drain()
+        assert state_of(cache, PROMPT) is NodeState.BOTH
 
 
 async def test_write_through_selective_loses_a_cold_prefix_under_pressure() -> None:

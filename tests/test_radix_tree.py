@@ -393,3 +393,17 @@ def test_insert_pages_checks_its_input() -> None:
     with pytest.raises(RadixInputError, match="int64"):
         tree.insert_pages(RadixKey(list(range(8))), torch.tensor([0, 1], dtype=torch.int32))
     tree.check()
+
+
+def test_find_is_read_only_and_stops_at_whole_nodes() -> None:
+    tree = RadixTree(page_size=2)
+    tree.insert(RadixKey([1, 2, 3, 4, 5, 6]), torch.arange(6))
+    node = tree.find(RadixKey([1, 2, 3, 4, 5, 6, 7]))  # a partial page is ignored
+    assert node.num_tokens == 6
+    assert node.hit_count == 0  # no hit counted...
+    before = (node.last_access, len(tree.root.children))
+    assert tree.find(RadixKey([1, 2, 3, 4])) is tree.root  # ...no split where a key ends inside
+    assert tree.find(RadixKey([1, 2, 9, 9, 5, 6])) is tree.root  # diverges inside the node
+    assert (node.last_access, len(tree.root.children)) == before
+    assert tree.find(RadixKey([1, 2], extra_key="other")) is tree.root  # unknown namespace
+    tree.check()

@@ -30,8 +30,9 @@ _REMOVED = NodeState.REMOVED
 class RadixTree(RadixTreeBase):
     """Radix prefix index over whole pages, aware of the device and host tiers.
 
-    Request path: :meth:`match_prefix`, :meth:`insert`, :meth:`insert_host`, :meth:`lock` /
-    :meth:`unlock` (and the ``_host`` variants). Capacity: :meth:`evict`, :meth:`evict_host`.
+    Request path: :meth:`match_prefix`, :meth:`find`, :meth:`insert`, :meth:`insert_host`,
+    :meth:`lock` / :meth:`unlock` (and the ``_host`` variants). Capacity: :meth:`evict`,
+    :meth:`evict_host`.
     Transitions: :meth:`start_backup` / :meth:`finish_backup` / :meth:`cancel_backup`,
     :meth:`start_load` / :meth:`finish_load` / :meth:`cancel_load`, :meth:`drop_host`.
     Sizes are in tokens; eviction requests are in pages.

@@ -320,6 +320,33 @@ class RadixTreeBase:
             pages = torch.cat(dev)
         return MatchResult(pages, last_dev, last_host, host_bytes // TOKEN_BYTES, self.page_size)
 
+    def find(self, key: RadixKey) -> TreeNode:
+        """The deepest node whose whole path is a prefix of ``key``'s whole pages (a root when
+        there is none), whatever the nodes' tiers. Read-only: no split,
+        no access time, no hit count (what announcing an insert needs: it is no use of the KV).
+        """
+        pb = self._pb
+        data = memoryview(key.data)
+        end = len(data) // pb * pb
+        node = self._roots.get(key.extra_key) or self.root
+        off = 0
+        while off < end:
+            child = node.children.get(bytes(data[off : off + pb]))
+            if child is None:
+                break
+            ck = child.tokens
+            nb = len(ck) * TOKEN_BYTES
+            if nb > end - off:
+                break
+            if nb > len(self._wide_buf):
+                self._grow_wide(len(ck))
+            self._wide[: len(ck)] = ck
+            if not self._wide_buf.startswith(data[off : off + nb]):
+                break
+            off += nb
+            node = child
+        return node
+
     def _walk_for_insert(
         self, key: RadixKey, priority: int
     ) -> tuple[TreeNode, int, int, list[tuple[TreeNode, int]]]:
