@@ -26,6 +26,18 @@ TOKEN_BYTES = 8  # one token id = int64, little-endian
 _I64 = np.dtype("<i8")
 _I64_MAX = 2**63 - 1
 _NATIVE_LE = sys.byteorder == "little"
+_INT_DTYPES = frozenset(
+    {
+        torch.int8,
+        torch.uint8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+    }
+)
 
 TokenIds: TypeAlias = (
     "Sequence[int] | array[Any] | np.ndarray[Any, Any] | torch.Tensor | bytes | memoryview"
@@ -107,10 +119,12 @@ def tokens_to_bytes(token_ids: TokenIds) -> bytes:
     if isinstance(token_ids, np.ndarray):
         return _from_numpy(token_ids)
     if isinstance(token_ids, torch.Tensor):
-        if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
+        if token_ids.dtype not in _INT_DTYPES:
             raise RadixInputError(
                 f"token ids must be an integer tensor, got dtype {token_ids.dtype}"
             )
+        if token_ids.is_cpu:  # every request's key: two torch calls fewer than detach().cpu()
+            return _from_numpy(token_ids.numpy(force=token_ids.requires_grad))
         return _from_numpy(token_ids.detach().cpu().numpy())
     try:
         ids = array("q", token_ids)
