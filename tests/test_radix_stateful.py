@@ -30,10 +30,12 @@ class RadixMachine(RuleBasedStateMachine):
     @initialize(
         page=st.sampled_from([1, 2, 3]),
         policy=st.sampled_from(["lru", "lfu", "fifo", "mru", "filo", "priority"]),
+        narrow_min=st.sampled_from([0, 3, 512]),  # int32 ids for all, longer, no new spans
     )
-    def setup(self, page: int, policy: str) -> None:
+    def setup(self, page: int, policy: str, narrow_min: int) -> None:
         self.P = page
         self.tree = RadixTree(page_size=page, eviction_policy=policy)
+        self.tree.narrow_min_tokens = narrow_min
         self.dev: dict[Page, tuple[int, ...]] = {}
         self.host: dict[Page, tuple[int, ...]] = {}
         self.dev_locks: list[tuple[TreeNode, list[Page]]] = []

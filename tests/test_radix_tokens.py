@@ -11,6 +11,13 @@ import torch
 from hicache_async.radix import RadixInputError, RadixKey, RadixTree, TreeNode
 
 
+def _tree(page: int) -> RadixTree:
+    """A tree that narrows every span it can (by default only spans past 512 tokens)."""
+    tree = RadixTree(page_size=page)
+    tree.narrow_min_tokens = 0
+    return tree
+
+
 def _slots(lo: int, n: int) -> torch.Tensor:
     return torch.arange(lo, lo + n, dtype=torch.int64)
 
@@ -32,7 +39,7 @@ def _nodes(tree: RadixTree) -> list[TreeNode]:
 
 @pytest.mark.parametrize("page", [1, 2, 4])
 def test_narrow_and_wide_nodes_match_exactly(page: int) -> None:
-    tree = RadixTree(page_size=page)
+    tree = _tree(page)
     small = list(range(8))
     # Same low 32 bits as ``small`` but different ids: must never match each other.
     aliased = [t + 2**32 for t in small]
@@ -51,7 +58,7 @@ def test_narrow_and_wide_nodes_match_exactly(page: int) -> None:
 
 @pytest.mark.parametrize("page", [1, 2])
 def test_split_between_narrow_and_wide_ids(page: int) -> None:
-    tree = RadixTree(page_size=page)
+    tree = _tree(page)
     ids = [1, 2, 3, 4, 2**40, 6, 7, 8]
     tree.insert(RadixKey(ids), _slots(0, 8))
     (node,) = _nodes(tree)
@@ -67,7 +74,7 @@ def test_split_between_narrow_and_wide_ids(page: int) -> None:
 
 
 def test_node_key_and_edge_are_int64_bytes() -> None:
-    tree = RadixTree(page_size=2)
+    tree = _tree(2)
     tree.insert(RadixKey([5, 6, 7, 8]), _slots(0, 4))
     (node,) = _nodes(tree)
     assert node.tokens.dtype == np.int32
@@ -80,7 +87,7 @@ def test_node_key_and_edge_are_int64_bytes() -> None:
 
 
 def test_nodes_own_their_ids_when_the_key_is_a_view() -> None:
-    tree = RadixTree(page_size=2)
+    tree = _tree(2)
     ids = array("q", [1, 2, 3, 4, 5, 6])
     key = RadixKey(ids, copy=False)
     tree.insert(key, _slots(0, 6))
@@ -93,7 +100,7 @@ def test_nodes_own_their_ids_when_the_key_is_a_view() -> None:
 
 
 def test_split_parts_do_not_share_memory() -> None:
-    tree = RadixTree(page_size=2)
+    tree = _tree(2)
     tree.insert(RadixKey(list(range(12))), _slots(0, 12))
     tree.match_prefix(RadixKey([0, 1, 2, 3, 9, 9]))  # splits after 4 tokens
     upper, lower = sorted(_nodes(tree), key=lambda n: n.num_tokens)
@@ -111,7 +118,7 @@ def test_split_parts_do_not_share_memory() -> None:
 def test_hashes_of_narrow_and_wide_nodes() -> None:
     from hicache_async.radix import page_hashes
 
-    tree = RadixTree(page_size=2)
+    tree = _tree(2)
     tree.insert(RadixKey([1, 2, 3, 4]), _slots(0, 4))
     (node,) = _nodes(tree)
     assert tree.page_hashes(node) == page_hashes([1, 2, 3, 4], 2)
@@ -144,7 +151,7 @@ def test_split_point_in_long_nodes(page: int, where: int) -> None:
     n = 8192
     ids = list(range(n))
     for wide in (False, True):
-        tree = RadixTree(page_size=page)
+        tree = _tree(page)
         base = [t + (2**40 if wide else 0) for t in ids]
         tree.insert(RadixKey(base), _slots(0, n))
         other = [*base[:where], -5, *base[where + 1 :]]
@@ -153,3 +160,14 @@ def test_split_point_in_long_nodes(page: int, where: int) -> None:
         shorter = tree.match_prefix(RadixKey(base[: where + 1])).device_hit_length
         assert shorter == (where + 1) - (where + 1) % page
         tree.check()
+
+
+def test_only_long_spans_are_narrowed_by_default() -> None:
+    tree = RadixTree(page_size=4)
+    n = tree.narrow_min_tokens
+    tree.insert(RadixKey(list(range(n))), _slots(0, n))
+    tree.insert(RadixKey(list(range(10**6, 10**6 + n + 4))), _slots(n, n + 4))
+    short, long = sorted(_nodes(tree), key=lambda x: x.num_tokens)
+    assert short.tokens.dtype == np.int64  # 4 bytes a token less would cost two numpy calls
+    assert long.tokens.dtype == np.int32
+    tree.check()

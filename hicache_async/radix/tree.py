@@ -90,6 +90,8 @@ class RadixTreeBase:
             raise RadixInputError(f"page_size must be a positive int, got {page_size!r}")
         self.page_size = page_size
         self._pb = page_size * TOKEN_BYTES  # bytes per page
+        # New spans longer than this keep their ids as int32 when they fit (see _own_tokens).
+        self.narrow_min_tokens = 512
         self._scratch = np.empty(0, dtype=_I64)  # reused by _to_pages (grown, never shrunk)
         self._ones = b""  # as many int64 ones as the scratch holds
         # Node tokens are widened to int64 here to be compared with a key's bytes by one
@@ -140,11 +142,14 @@ class RadixTreeBase:
 
     def _own_tokens(self, data: KeyBytes, start: int, stop: int) -> np.ndarray[Any, Any]:
         """A new array of the token ids in key bytes ``[start, stop)``: int32 when all are in
-        ``[0, 2**31)`` (one reduction to check), else int64."""
-        span = np.frombuffer(data, dtype=_I64, count=(stop - start) // TOKEN_BYTES, offset=start)
-        return _frozen(
-            span.astype(_I32) if int(_UMAX(span.view(_U64))) <= _I32_MAX else span.copy()
-        )
+        ``[0, 2**31)`` (one reduction to check), else int64. Spans of at most
+        ``narrow_min_tokens`` stay int64: the 4 bytes a token saved there cost no page fault,
+        and the check and cast cost two numpy calls on every short insert."""
+        n = (stop - start) // TOKEN_BYTES
+        span = np.frombuffer(data, dtype=_I64, count=n, offset=start)
+        if n > self.narrow_min_tokens and int(_UMAX(span.view(_U64))) <= _I32_MAX:
+            return _frozen(span.astype(_I32))
+        return _frozen(span.copy())
 
     def _grow_wide(self, n: int) -> None:
         """Make the widening buffer hold at least ``n`` tokens."""
