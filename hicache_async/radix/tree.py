@@ -339,18 +339,22 @@ class RadixTreeBase:
             child = node.children.get(bytes(data[off : off + pb]))
             if child is None:
                 break
-            ck = child.tokens
-            nb = len(ck) * TOKEN_BYTES
-            if nb > end - off:
-                break
-            if nb > len(self._wide_buf):
-                self._grow_wide(len(ck))
-            self._wide[: len(ck)] = ck
-            if not self._wide_buf.startswith(data[off : off + nb]):
+            nb = len(child.tokens) * TOKEN_BYTES
+            if nb > end - off or not self._same_ids(child.tokens, data, off):
                 break
             off += nb
             node = child
         return node
+
+    def _same_ids(self, tokens: np.ndarray[Any, Any], data: memoryview, off: int) -> bool:
+        """Whether a node's ``tokens`` equal the key bytes from ``off`` on: widened to int64
+        in the reused buffer, then one memcmp (exact for int32 and int64 nodes alike).
+        match_prefix and the insert walk inline this: a call costs ~0.1 µs a node there."""
+        n = len(tokens)
+        if n * TOKEN_BYTES > len(self._wide_buf):
+            self._grow_wide(n)
+        self._wide[:n] = tokens
+        return self._wide_buf.startswith(data[off : off + n * TOKEN_BYTES])
 
     def _walk_for_insert(
         self, key: RadixKey, priority: int
