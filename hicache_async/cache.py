@@ -47,6 +47,7 @@ from hicache_async.metrics import (
     StorageStats,
     Tier,
     TierStats,
+    Transition,
 )
 from hicache_async.radix import TOKEN_BYTES, MatchResult, NodeState, RadixKey, RadixTree, TreeNode
 from hicache_async.radix import Tier as RadixTier
@@ -507,6 +508,20 @@ class HiCache:
             events_published=self.hub.published,
             events_dropped=self.hub.dropped,
         )
+        transitions = dict(snapshot.transitions)
+        if self.backup is not None:
+            transitions[Transition.BACKUP] = transitions[Transition.BACKUP].model_copy(
+                update={
+                    "skipped": self.backup.skipped,
+                    "retried": self.backups_retried,
+                    "dropped": self.backups_dropped,
+                }
+            )
+        if self.loader is not None:
+            transitions[Transition.LOAD] = transitions[Transition.LOAD].model_copy(
+                update={"skipped": self.loader.skipped, "waited": self.loader.waited}
+            )
+        snapshot = snapshot.model_copy(update={"transitions": transitions})
         if self.storage is None:
             return snapshot
         # The runtime's own faults (write-backs past their deadline) plus the backend's.

@@ -118,6 +118,12 @@ class TransitionStats(_Frozen):
     bytes: int = 0
     seconds: float = 0.0
     failures: int = 0
+    # Backups: found no L2 room; retried later with success; given up (retry queue full).
+    # Loads: too short or no L1 room; waited for another request's load of their pages.
+    skipped: int = 0
+    retried: int = 0
+    dropped: int = 0
+    waited: int = 0
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -65,11 +65,13 @@ class StatsCollector(Collector):
         moved = counter("transition_bytes", "Bytes moved by each transition", ("transition",))
         spent = counter("transition_seconds", "Seconds spent moving", ("transition",))
         failed = counter("transition_failures", "Moves that failed", ("transition",))
+        skipped = counter("transition_skipped", "Moves not made for lack of room", ("transition",))
         for transition, totals in s.transitions.items():
             moved.add_metric([transition.value], totals.bytes)
             spent.add_metric([transition.value], totals.seconds)
             failed.add_metric([transition.value], totals.failures)
-        yield from (moved, spent, failed)
+            skipped.add_metric([transition.value], totals.skipped)
+        yield from (moved, spent, failed, skipped)
 
         prefetch = counter("prefetch", "L3 prefetches by outcome", ("outcome",))
         for outcome, value in s.prefetch.model_dump().items():

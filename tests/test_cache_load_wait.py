@@ -88,7 +88,9 @@ async def test_second_request_waits_for_the_load_in_flight(
         assert cache.loader.waited == 1
         assert torch.equal(hits["first"], hits["second"])  # one copy on L1, used twice
         assert hits["second"].numel() == PROMPT.numel()
-        assert cache.stats().transitions[Transition.LOAD].pages == PROMPT.numel() // 4
+        load = cache.stats().transitions[Transition.LOAD]
+        assert load.pages == PROMPT.numel() // 4
+        assert load.waited == 1
         assert_settled(cache)
 
 

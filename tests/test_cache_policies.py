@@ -182,4 +182,5 @@ async def test_a_backup_skipped_while_l2_is_pinned_is_retried() -> None:
         await serve(cache, torch.arange(9000, 9000 + LAYOUT.page_size))  # a later request
         await cache.drain()
         assert state_of(cache, PROMPT) is NodeState.BOTH  # retried once L2 could make room
-        assert cache.backups_retried == 1
+        backup = cache.stats().transitions["backup"]
+        assert (backup.skipped, backup.retried, backup.dropped) == (1, 1, 0)

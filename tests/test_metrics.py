@@ -52,6 +52,7 @@ def test_prometheus_collector_reads_a_fresh_snapshot() -> None:
     assert 'hicache_hit_tokens_total{tier="host"} 48.0' in text
     assert 'hicache_used_pages{tier="device"} 40.0' in text
     assert 'hicache_transition_bytes_total{transition="load"} 3000.0' in text
+    assert 'hicache_transition_skipped_total{transition="load"} 0.0' in text
     assert 'hicache_prefetch_total{outcome="timed_out"} 1.0' in text
     assert 'hicache_queue_depth{queue="write_back"} 2.0' in text
     assert 'hicache_capacity_pages{tier="storage"}' not in text  # unbounded: no sample
