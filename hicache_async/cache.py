@@ -171,6 +171,7 @@ class HiCache:
                 self.tree, self.storage, self.counters, self.hub, medium=medium, agree=write_agree
             )
             self.storage.removal_listener = self._l3_removed
+            self.write_back.on_release = self._retry_backups  # unlocked pages: room on L2
             self.prefetcher = Prefetcher(
                 self.tree,
                 self.host_tier,
@@ -278,11 +279,16 @@ class HiCache:
 
     async def drain(self) -> None:
         """Wait until every prefetch, queued backup and L3 write-back has finished."""
+        stages = [self._backups_pending]
         if self.prefetcher is not None:
-            await self.prefetcher.running.wait_idle()
-        await self._backups_pending.wait_idle()
+            stages.insert(0, self.prefetcher.running)
         if self.write_back is not None:
-            await self.write_back.pending.wait_idle()
+            stages.append(self.write_back.pending)
+        # Each stage can feed another (a backup queues a write-back; a write-back's release
+        # retries skipped backups): done only when all are idle at once.
+        while any(stage.count for stage in stages):
+            for stage in stages:
+                await stage.wait_idle()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "state", None) is CacheState.OPEN:
@@ -443,7 +449,10 @@ class HiCache:
         return True
 
     def _retry_backups(self) -> None:
-        """Retry the paths whose backups found no room, oldest first, while L2 can take them."""
+        """Retry the paths whose backups found no room, oldest first, while L2 can take them
+        (when a request schedules backups, and when an L3 write releases its host pages)."""
+        if self.backup is None or self.state is not _OPEN:
+            return
         host = self.host_pool.allocator if self.host_pool is not None else None
         while self._unbacked and host is not None:
             if not host.available and not self.tree.evictable_size(RadixTier.HOST):

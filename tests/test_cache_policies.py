@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -184,3 +185,36 @@ async def test_a_backup_skipped_while_l2_is_pinned_is_retried() -> None:
         assert state_of(cache, PROMPT) is NodeState.BOTH  # retried once L2 could make room
         backup = cache.stats().transitions["backup"]
         assert (backup.skipped, backup.retried, backup.dropped) == (1, 1, 0)
+
+
+async def test_a_backup_skipped_behind_l3_writes_is_retried_when_they_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """L2 full of pages that L3 writes still read: the skipped backup is retried as soon as a
+    write releases its pages, with no later request needed."""
+    other = torch.arange(5000, 5000 + 32 * LAYOUT.page_size)  # fills L2 (as big as L1)
+    cfg = config(
+        host_pages=32,
+        storage_backend="file",
+        storage_backend_extra_config=f'{{"path": "{tmp_path}"}}',
+    )
+    async with HiCache.open(cfg) as cache:
+        assert cache.storage is not None
+        store = cache.storage.batch_set_v1
+        gate = anyio.Event()
+
+        async def held(*args: Any, **kw: Any) -> Any:
+            await gate.wait()  # the write is in flight until the test lets it finish
+            return await store(*args, **kw)
+
+        monkeypatch.setattr(cache.storage, "batch_set_v1", held)
+        await serve(cache, other)  # backed up, its L3 write held: L2 pinned
+        await anyio.wait_all_tasks_blocked()
+        cache.device_tier.evict(cache.l1.allocator.usable)  # ``other`` lives on L2 only
+        await serve(cache, PROMPT)
+        await anyio.wait_all_tasks_blocked()
+        assert state_of(cache, PROMPT) is NodeState.DEVICE  # no room: skipped
+        gate.set()  # the write lands and releases ``other``'s pages...
+        await cache.drain()
+        assert state_of(cache, PROMPT) is NodeState.BOTH  # ...and the backup is retried
+        assert cache.stats().transitions["backup"].retried == 1

@@ -76,6 +76,8 @@ class WriteBack:
         self._done = (done_send, done_receive)
         self.dropped = 0  # jobs refused because the queue was full
         self.pending = Pending()  # jobs queued, being written or awaiting release
+        # Called (sync, on the loop) after a job's host lock is released: L2 may have room again.
+        self.on_release: Callable[[], None] | None = None
 
     @property
     def depth(self) -> int:
@@ -177,6 +179,11 @@ class WriteBack:
                 finally:
                     self.tree.unlock_host(job.node)
                     self.pending.done()
+                if self.on_release is not None:
+                    try:
+                        self.on_release()
+                    except Exception:  # the release queue must keep releasing
+                        log.exception("a callback after an L3 write's release failed")
 
     def _emit(self, event: BlockStored, pages: int) -> None:
         size = self.tree.page_size
