@@ -203,13 +203,12 @@ class HiCache:
             )
         send, receive = anyio.create_memory_object_stream[BackupJob](max_buffer_size=1024)
         self._backups = (send, receive)
-        self.backups_dropped = 0
         # Paths whose backup found L2 full of locked pages (or the queue full), with the hit
         # count their policy asks for: retried when a later request's backups are scheduled
-        # and L2 has room again, so a busy spell does not leave them out of L2 (and L3) for
-        # good. Bounded: past it the oldest is given up (counted as dropped).
+        # or an L3 write releases its pages, once L2 has room, so a busy spell does not leave
+        # them out of L2 (and L3) for good. Bounded: past it the oldest is given up.
         self._unbacked: collections.deque[tuple[TreeNode, int]] = collections.deque()
-        self.backups_retried = 0
+        self._backup_totals = self.counters.transitions[Transition.BACKUP]
         self.backup_batch = 256  # backups moved by one engine call
         self._backups_pending = Pending()
         self._stack: AsyncExitStack | None = None
@@ -276,6 +275,16 @@ class HiCache:
                     await self.storage.aclose()
             self.hub.close()
             self.state = CacheState.CLOSED
+
+    @property
+    def backups_retried(self) -> int:
+        """Backups that found no room at first and were made on a retry."""
+        return self._backup_totals.retried
+
+    @property
+    def backups_dropped(self) -> int:
+        """Backups given up: waiting for a retry past the bound (4,096 paths)."""
+        return self._backup_totals.dropped
 
     async def drain(self) -> None:
         """Wait until every prefetch, queued backup and L3 write-back has finished."""
@@ -421,7 +430,7 @@ class HiCache:
             self._unbacked.append((last, hits))
             if len(self._unbacked) > _MAX_UNBACKED:
                 self._unbacked.popleft()
-                self.backups_dropped += 1
+                self._backup_totals.dropped += 1
 
     def _reserve_backups(self, last: TreeNode, hits: int) -> bool:
         """Reserve and queue the backups :meth:`_schedule_backups` asks for; False when L2 or
@@ -464,7 +473,7 @@ class HiCache:
             if not self._reserve_backups(last, hits):
                 return
             self._unbacked.popleft()
-            self.backups_retried += 1
+            self._backup_totals.retried += 1
 
     async def _backup_worker(self) -> None:
         assert self.backup is not None or not self._backups_pending.count
@@ -517,20 +526,6 @@ class HiCache:
             events_published=self.hub.published,
             events_dropped=self.hub.dropped,
         )
-        transitions = dict(snapshot.transitions)
-        if self.backup is not None:
-            transitions[Transition.BACKUP] = transitions[Transition.BACKUP].model_copy(
-                update={
-                    "skipped": self.backup.skipped,
-                    "retried": self.backups_retried,
-                    "dropped": self.backups_dropped,
-                }
-            )
-        if self.loader is not None:
-            transitions[Transition.LOAD] = transitions[Transition.LOAD].model_copy(
-                update={"skipped": self.loader.skipped, "waited": self.loader.waited}
-            )
-        snapshot = snapshot.model_copy(update={"transitions": transitions})
         if self.storage is None:
             return snapshot
         # The runtime's own faults (write-backs past their deadline) plus the backend's.

@@ -59,6 +59,10 @@ class TransitionCounter:
     bytes: int = 0
     seconds: float = 0.0
     failures: int = 0
+    skipped: int = 0  # see TransitionStats
+    retried: int = 0
+    dropped: int = 0
+    waited: int = 0
 
     def add(self, pages: int, nbytes: int, seconds: float) -> None:
         """Record one finished move."""
@@ -191,7 +195,15 @@ class CacheStats(_Frozen):
         }
         transitions = {
             name: TransitionStats(
-                count=c.count, pages=c.pages, bytes=c.bytes, seconds=c.seconds, failures=c.failures
+                count=c.count,
+                pages=c.pages,
+                bytes=c.bytes,
+                seconds=c.seconds,
+                failures=c.failures,
+                skipped=c.skipped,
+                retried=c.retried,
+                dropped=c.dropped,
+                waited=c.waited,
             )
             for name, c in counters.transitions.items()
         }

@@ -220,12 +220,8 @@ class Session:
             match = self.match  # the arrived pages were matched again
         cache = self._cache
         loader = cache.loader
-        if loader is not None and loader.busy(match):
-            loader.waited += 1
-            while loader.busy(match):  # its pages are on their way: wait, then take them
-                await loader.settled()
-                self._rematch()
-                match = self.match
+        if loader is not None and loader.busy(match):  # its pages are on their way
+            match = await loader.wait_for_others(match, self._rematch)
         indices = match.device_indices
         device_tokens = indices.numel()
         loaded_tokens = 0
@@ -399,10 +395,10 @@ class Session:
     def _matched_tokens(self) -> int:
         return self.match.device_hit_length + self.match.host_hit_length
 
-    def _rematch(self) -> None:
+    def _rematch(self) -> MatchResult:
         """Match the key and lock what matched: the device path, and the host path when part
         of the hit is on host only (a device lock already keeps the host copies of its path:
-        L2 evicts host-only nodes alone)."""
+        L2 evicts host-only nodes alone). Returns the new match."""
         cache = self._cache
         tree = cache.tree
         match = tree.match_prefix(self.key)
@@ -417,6 +413,7 @@ class Session:
         self._match = match
         self._device_node = last_device
         self._host_node = last_host if host_part else None
+        return match
 
     def _release_device_lock(self) -> None:
         node = self._device_node

@@ -52,7 +52,12 @@ class Backup:
         self.tree, self.host, self.engine = tree, host, engine
         self.counters, self.hub = counters, hub
         self.write_back = write_back
-        self.skipped = 0  # no host pages could be reserved
+        self._totals = counters.transitions[Transition.BACKUP]
+
+    @property
+    def skipped(self) -> int:
+        """Backups not made: no host pages could be reserved."""
+        return self._totals.skipped
 
     def reserve(self, node: TreeNode) -> BackupJob | None:
         """Reserve host pages for ``node`` and pin it (sync, on the loop), so L1 eviction
@@ -65,7 +70,7 @@ class Backup:
         tokens = node.num_tokens
         host_pages = self.host.reserve_pages(tokens // self.tree.page_size)
         if host_pages is None:
-            self.skipped += 1
+            self._totals.skipped += 1
             return None
         # Page tables all the way to the copy engine: no slot round trip per backup.
         job = BackupJob(node, tokens, device_pages.long(), host_pages)
@@ -93,7 +98,7 @@ class Backup:
         except BaseException:
             for job in jobs:
                 self.rollback(job)
-            self.counters.transitions[Transition.BACKUP].failures += len(jobs)
+            self._totals.failures += len(jobs)
             raise
         stored = []
         for job in jobs:
@@ -104,7 +109,7 @@ class Backup:
             stored.extend(chain)
         pages = sum(job.tokens for job in jobs) // self.tree.page_size
         nbytes = pages * self.host.pool.bytes_per_page
-        self.counters.transitions[Transition.BACKUP].add(pages, nbytes, time.perf_counter() - start)
+        self._totals.add(pages, nbytes, time.perf_counter() - start)
         if self.hub.active:
             self.hub.emit([stored_event(self.tree, n, StorageMedium.CPU_PINNED) for n in stored])
         if self.write_back is not None:

@@ -6,8 +6,8 @@ matched path locked so eviction cannot take it), each node ``LOADING`` top-down,
 locked. move: the H2D copy. commit: ``BOTH``, ``BlockStored(GPU)``, unlock the host copy.
 rollback: ``HOST`` again bottom-up, free the device pages, unlock.
 
-A request whose host part another request is loading waits for that load to end
-(:meth:`Load.settled`) and matches again, instead of recomputing pages that are on their way.
+A request whose host part another request is loading waits for that load to end and matches
+again (:meth:`Load.wait_for_others`), instead of recomputing pages that are on their way.
 
 Splits during the copy create ``LOADING`` ancestors in the reserved span; commit and rollback
 therefore walk from the last host node up to the device boundary, not over a saved list.
@@ -16,6 +16,7 @@ therefore walk from the last host node up to the device boundary, not over a sav
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -59,17 +60,33 @@ class Load:
         self.counters, self.hub = counters, hub
         self.min_tokens = min_tokens
         self.bytes_per_page = bytes_per_page
-        self.skipped = 0  # too short, or no device room
-        self.waited = 0  # loads that first waited for another request's load of their path
+        self._totals = counters.transitions[Transition.LOAD]
         self._settled = anyio.Event()  # set (and replaced) whenever a load ends
+
+    @property
+    def skipped(self) -> int:
+        """Loads not made: too short, or no device room."""
+        return self._totals.skipped
+
+    @property
+    def waited(self) -> int:
+        """Loads that first waited for another request's load of their path."""
+        return self._totals.waited
 
     def busy(self, match: MatchResult) -> bool:
         """Whether another request's load is moving part of ``match``'s host part."""
         return bool(match.host_hit_length) and not _host_nodes(match)
 
-    async def settled(self) -> None:
-        """Wait until some load in flight ends (committed or rolled back)."""
-        await self._settled.wait()
+    async def wait_for_others(
+        self, match: MatchResult, rematch: Callable[[], MatchResult]
+    ) -> MatchResult:
+        """While another request's load moves part of ``match``'s host part, wait for a load
+        to end and match again (``rematch``); the match then has no page in flight."""
+        self._totals.waited += 1
+        while self.busy(match):
+            await self._settled.wait()
+            match = rematch()
+        return match
 
     def _settle(self) -> None:
         self._settled.set()
@@ -81,12 +98,12 @@ class Load:
         nodes = _host_nodes(match)
         if tokens < self.min_tokens or not nodes:
             if tokens:
-                self.skipped += 1
+                self._totals.skipped += 1
             return LoadResult(match.device_indices, 0, match.last_device_node)
         pages = tokens // self.tree.page_size
         reserved = self.device.reserve(pages)
         if reserved is None:
-            self.skipped += 1
+            self._totals.skipped += 1
             return LoadResult(match.device_indices, 0, match.last_device_node)
         slots = reserved.to(match.device_indices.device)  # the tree keeps L1's device slots
         host_slots = torch.cat([n.host_indices for n in nodes if n.host_indices is not None])
@@ -103,7 +120,7 @@ class Load:
             for node in reversed(span_chain(last, tokens)):
                 self.device.free(self.tree.cancel_load(node))
             self.tree.unlock_host(last)
-            self.counters.transitions[Transition.LOAD].failures += 1
+            self._totals.failures += 1
             self._settle()
             raise
         span = span_chain(last, tokens)
@@ -111,9 +128,7 @@ class Load:
             self.tree.finish_load(node)
         self.tree.unlock_host(last)
         self._settle()
-        self.counters.transitions[Transition.LOAD].add(
-            pages, pages * self.bytes_per_page, time.perf_counter() - start
-        )
+        self._totals.add(pages, pages * self.bytes_per_page, time.perf_counter() - start)
         if self.hub.active:
             self.hub.emit([stored_event(self.tree, n, StorageMedium.GPU) for n in span])
         device = torch.cat([match.device_indices, slots])
