@@ -112,7 +112,9 @@ class HiCache:
         self.host_tier: HostTier | None = None
         if config.host_enabled:
             self.host_pool = HostKVPool(self.layout, config.resolved_host_pages, config.host_layout)
-            self.host_tier = HostTier(self.tree, self.host_pool, self.hub)
+            self.host_tier = HostTier(
+                self.tree, self.host_pool, self.hub, headroom=config.eviction_headroom
+            )
         self.l1 = build_l1(config, device, self.host_pool)
         self.device_pool = self.l1.pool
         # Read on every request, so kept as plain attributes: the allocator pages come from is
@@ -128,6 +130,7 @@ class HiCache:
             self.page_size,
             self.hub,
             host_allocator=self.host_pool.allocator if self.host_pool else None,
+            headroom=config.eviction_headroom,
         )
         # Tensor parallelism: ranks agree (MIN) on prefetched and on stored pages. Each purpose
         # has its own group, so prefetch rounds and write-back rounds never pair up across
@@ -370,12 +373,13 @@ class HiCache:
         """Free ``pages`` L1 pages now (evicting), waiting for backups in flight when they pin
         what would be evicted; False if even that is not enough. Under ``write_back``, the
         pages about to be evicted are backed up first, so they move to L2 instead of being
-        lost."""
+        lost. Like every reservation, it evicts the tier's headroom beyond the shortfall."""
         allocator = self.l1.allocator
         while True:
             short = pages - allocator.available
             if short <= 0:
                 return True
+            short += self.device_tier.headroom
             if self.config.write_policy is WritePolicy.WRITE_BACK:
                 await self._back_up_victims(short)
             self.device_tier.evict(short)

@@ -171,6 +171,13 @@ class HiCacheConfig(BaseSettings):
         ge=0,
         description="Host pages in-flight prefetches may hold; half of L2 when unset.",
     )
+    eviction_headroom: float = Field(
+        default=0.02,
+        ge=0,
+        le=0.5,
+        description="When L1 or L2 must evict, also free this fraction of the tier's pages, so "
+        "evictions come some requests apart instead of on every request.",
+    )
     kv_events: KVEventsConfig | None = Field(
         default=None, description="Publish KV events (off when unset)."
     )

@@ -218,3 +218,34 @@ async def test_a_backup_skipped_behind_l3_writes_is_retried_when_they_release(
         await cache.drain()
         assert state_of(cache, PROMPT) is NodeState.BOTH  # ...and the backup is retried
         assert cache.stats().transitions["backup"].retried == 1
+
+
+@pytest.mark.parametrize("headroom", [0.0, 0.25])
+async def test_eviction_frees_the_headroom_beyond_the_shortfall(headroom: float) -> None:
+    """A request that finds L1 full evicts what it lacks plus ``eviction_headroom`` of L1, so
+    the next requests find room without evicting; with no headroom, exactly what it lacks.
+    L2 reservations do the same."""
+    cfg = config(device_pages=32, host_pages=32, eviction_headroom=headroom)
+    async with HiCache.open(cfg) as cache:
+        l1, l2 = cache.l1.allocator, cache.host_pool.allocator  # type: ignore[union-attr]
+        for i in range(3):  # 3 x 9 pages: L1 and L2 nearly full (write_through)
+            await serve(cache, torch.arange(10_000 * (i + 1), 10_000 * (i + 1) + 36))
+        await cache.drain()
+        assert l1.available == 32 - 27
+        assert l2.available == 32 - 27
+        await serve(cache, torch.arange(90_000, 90_000 + 36))  # 9 more pages: 4 short
+        await cache.drain()
+        room = int(32 * headroom)
+        assert cache.device_tier.evicted_pages == 4 + room
+        assert l1.available == room
+        assert cache.host_tier.evicted_pages == 4 + room  # type: ignore[union-attr]
+        assert l2.available == room
+        cache.tree.check()
+        evicted = cache.device_tier.evicted_pages
+        await serve(cache, torch.arange(95_000, 95_000 + 4 * room))  # fits in the headroom
+        assert cache.device_tier.evicted_pages == evicted
+
+
+def test_eviction_headroom_is_checked() -> None:
+    with pytest.raises(ValueError, match="eviction_headroom"):
+        config(eviction_headroom=0.9)

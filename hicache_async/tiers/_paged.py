@@ -18,11 +18,18 @@ def leading(flags: list[bool]) -> int:
 
 
 class PagedTier(abc.ABC):
-    """Reserves token slots of whole pages; a reservation that cannot be met takes nothing."""
+    """Reserves token slots of whole pages; a reservation that cannot be met takes nothing.
 
-    def __init__(self, allocator: PagedAllocator, page_size: int) -> None:
+    A reservation that finds the tier short evicts the shortfall plus ``headroom`` pages (a
+    fraction of the tier): an eviction pass costs tens of microseconds whatever its size (heap
+    pops, a split, a free with its checks, events), so the next reservations find room without
+    one. What it evicts early is what the policy would evict next anyway.
+    """
+
+    def __init__(self, allocator: PagedAllocator, page_size: int, headroom: float = 0.0) -> None:
         self.allocator = allocator
         self.page_size = page_size
+        self.headroom = int(allocator.usable * headroom)  # pages
         self.evicted_pages = 0
 
     def reserve(self, n_pages: int) -> torch.Tensor | None:
@@ -34,7 +41,7 @@ class PagedTier(abc.ABC):
         """``n_pages`` page indices, evicting as needed; None if impossible."""
         short = n_pages - self.allocator.available
         if short > 0:
-            self.evict(short)
+            self.evict(short + self.headroom)
         return self.allocator.alloc(n_pages)
 
     def free(self, slots: torch.Tensor) -> None:

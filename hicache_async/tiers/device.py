@@ -27,8 +27,9 @@ class DeviceTier(PagedTier):
         hub: EventHub,
         *,
         host_allocator: PagedAllocator | None = None,
+        headroom: float = 0.0,
     ) -> None:
-        super().__init__(allocator, page_size)
+        super().__init__(allocator, page_size, headroom)
         self.tree, self.hub = tree, hub
         self._host_allocator = host_allocator  # frees host pages of nodes eviction removes
 

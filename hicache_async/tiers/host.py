@@ -19,8 +19,10 @@ __all__ = ["HostTier"]
 class HostTier(PagedTier):
     """Reserves and frees L2 pages for the transitions."""
 
-    def __init__(self, tree: RadixTree, pool: HostKVPool, hub: EventHub) -> None:
-        super().__init__(pool.allocator, pool.page_size)
+    def __init__(
+        self, tree: RadixTree, pool: HostKVPool, hub: EventHub, *, headroom: float = 0.0
+    ) -> None:
+        super().__init__(pool.allocator, pool.page_size, headroom)
         self.tree, self.pool, self.hub = tree, pool, hub
 
     def evict(self, n_pages: int, *, emit: bool = True) -> int:
