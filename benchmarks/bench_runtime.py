@@ -8,7 +8,11 @@ Measurements in one process:
 * ``open_loop``: the same requests arriving as a Poisson process at ``--load`` x the closed
   loop's throughput (or ``--rate`` requests/s), each started when it arrives whatever is in
   flight; loop lag and request latency (from arrival) at a sustainable rate. ``idle_loop_lag_ms``
-  is the ticker alone, the timer's own resolution.
+  is the ticker alone, the timer's own resolution. Saturated, the closed loop defers most
+  write-through backups (queued backups pin at most a quarter of L1; ``backups`` says how many
+  were deferred), so it does less work per request than a loop that keeps up, and 60% of its
+  rate can be past what the copies sustain on this machine. ``open_loop_sweep`` runs the open
+  loop at the absolute ``--rates`` as well, to show where the backups stop keeping up.
 * ``hit_path``: a full L1 hit through sessions, by hand (:func:`bare_hit`: key, match, lock,
   unlock; ``overhead`` = runtime / by hand - 1, target < 15%), and through the smallest
   session of the same shape (``api_floor``: ``async with`` + ``await load()`` + a ``Hit``,
@@ -103,6 +107,13 @@ def hit_ratio(cache: HiCache, requests: list[torch.Tensor]) -> float:
     return sum(t.hit_tokens for t in stats.tiers.values()) / sum(t.numel() for t in requests)
 
 
+def backups(cache: HiCache) -> dict[str, int]:
+    """Pages backed up, and backups deferred because the copies were behind (or L2 full): a
+    phase that defers backups does less work per request than one that makes them all."""
+    b = cache.stats().transitions["backup"]
+    return {"pages": b.pages, "skipped": b.skipped, "retried": b.retried, "dropped": b.dropped}
+
+
 async def mixed(requests: list[torch.Tensor], concurrency: int) -> dict[str, Any]:
     ticker = LagTicker()
     async with HiCache.open(config(device_pages=4096)) as cache:
@@ -126,11 +137,13 @@ async def mixed(requests: list[torch.Tensor], concurrency: int) -> dict[str, Any
             tg.cancel_scope.cancel()
         elapsed = time.perf_counter() - start
         ratio = hit_ratio(cache, requests)
+        backed = backups(cache)
     return {
         "requests": len(requests),
         "seconds": elapsed,
         "requests_per_s": len(requests) / elapsed,
         "hit_ratio_tokens": ratio,
+        "backups": backed,
         "loop_lag_ms": ticker.percentiles_ms(),
     }
 
@@ -187,6 +200,7 @@ async def open_loop(
             elapsed = time.perf_counter() - start
             tg.cancel_scope.cancel()
         ratio = hit_ratio(cache, requests)
+        backed = backups(cache)
     return {
         "requests": len(requests),
         "arrival_rate_per_s": rate,
@@ -194,6 +208,7 @@ async def open_loop(
         "completed_per_s": len(requests) / elapsed,
         "hit_ratio_tokens": ratio,
         "max_in_flight": max_in_flight,  # arrived and not finished, waiting ones included
+        "backups": backed,
         "latency_ms": percentiles_ms(latencies),
         "loop_lag_ms": ticker.percentiles_ms(),
     }
@@ -367,6 +382,11 @@ def main() -> None:
         "--load", type=float, default=0.6, help="open-loop arrival rate / closed-loop throughput"
     )
     parser.add_argument("--rate", type=float, help="open-loop arrivals per second (over --load)")
+    parser.add_argument(
+        "--rates",
+        default="1000,1500,2000",
+        help="open-loop sweep at these absolute rates (requests/s; empty for none)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     reqs = prompts(args.requests)
@@ -386,6 +406,9 @@ def main() -> None:
             "load": rate / closed["requests_per_s"],
             "idle_loop_lag_ms": run(idle_lag),
         },
+        "open_loop_sweep": [
+            run(open_loop, reqs, float(r), args.concurrency) for r in args.rates.split(",") if r
+        ],
         "hit_path": run(hit_path, reqs[:500], args.repeats),
         "hit_and_tail": run(hit_and_tail, reqs[:500], args.repeats),
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
@@ -404,6 +427,12 @@ def main() -> None:
         f"loop lag {lag.format(**o['loop_lag_ms'])}; latency {lag.format(**o['latency_ms'])}; "
         f"idle loop lag {lag.format(**o['idle_loop_lag_ms'])}"
     )
+    for sweep in result["open_loop_sweep"]:
+        print(
+            f"open loop at {sweep['arrival_rate_per_s']:.0f} requests/s: loop lag "
+            f"{lag.format(**sweep['loop_lag_ms'])}; backups deferred "
+            f"{sweep['backups']['skipped']}, max in flight {sweep['max_in_flight']}"
+        )
     print(
         f"hit path: runtime {h['runtime_us']:.1f} us, by hand {h['direct_us']:.1f} us, "
         f"overhead {h['overhead']:.0%} (min {h['overhead_min']:.0%}; API floor "

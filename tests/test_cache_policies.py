@@ -172,6 +172,7 @@ async def test_a_backup_skipped_while_l2_is_pinned_is_retried() -> None:
     L2 has room again (at a later request), not left out of L2 and L3 for good."""
     other = torch.arange(5000, 5000 + 32 * LAYOUT.page_size)  # fills L2 (as big as L1)
     async with HiCache.open(config(host_pages=32)) as cache:
+        cache.backup_pin_limit = cache.l1.allocator.usable  # only L2's room defers backups here
         await serve(cache, other)
         await cache.drain()
         cache.device_tier.evict(cache.l1.allocator.usable)  # ``other`` lives on L2 only
@@ -249,3 +250,32 @@ async def test_eviction_frees_the_headroom_beyond_the_shortfall(headroom: float)
 def test_eviction_headroom_is_checked() -> None:
     with pytest.raises(ValueError, match="eviction_headroom"):
         config(eviction_headroom=0.9)
+
+
+async def test_backups_that_fall_behind_pin_at_most_the_limit() -> None:
+    """When copies fall behind the inserts, queued backups pin at most ``backup_pin_limit`` L1
+    pages; later ones wait in the retry list, so requests keep finding room. Once the copies
+    land, the deferred backups are made: every prefix reaches L2."""
+    cfg = config(device_pages=64, host_pages=128, write_policy="write_through")
+    async with HiCache.open(cfg) as cache:
+        gate = anyio.Event()
+        engine = cache.l1.engine
+        copy = engine._backup
+
+        async def gated(device: torch.Tensor, host: torch.Tensor) -> None:
+            await gate.wait()  # the copy engine is stuck until the test lets it go
+            await copy(device, host)
+
+        engine._backup = gated  # type: ignore[method-assign]
+        assert cache.backup_pin_limit == 16
+        prompts = [torch.arange(1000 * (i + 1), 1000 * (i + 1) + 16) for i in range(12)]
+        for tokens in prompts:  # 4 pages each: 48 pages, 16 of them pinned at most
+            await serve(cache, tokens)
+            assert cache.tree.protected_size() // LAYOUT.page_size <= 16
+        assert cache.stats().transitions["backup"].skipped >= 8
+        gate.set()
+        await cache.drain()
+        for tokens in prompts:
+            assert state_of(cache, tokens) is NodeState.BOTH
+        assert cache.tree.protected_size() == 0
+        cache.tree.check()
