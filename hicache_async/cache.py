@@ -213,13 +213,13 @@ class HiCache:
         self._unbacked: collections.deque[tuple[TreeNode, int]] = collections.deque()
         self._backup_totals = self.counters.transitions[Transition.BACKUP]
         self.backup_batch = 256  # backups moved by one engine call
+        # Counted in the L1 pages that backups queued or being copied pin until copied. Past
+        # ``backup_pin_limit`` pinned pages a new backup waits in ``_unbacked`` instead: when
+        # copies fall behind the inserts, a longer queue would pin L1 until requests stall
+        # waiting for room (measured: 10 s of waits in a 2 s run at 70% of capacity), and what
+        # it would protect is only L2 coverage.
         self._backups_pending = Pending()
-        # Queued backups pin their L1 pages until copied. Past this many pinned pages a new
-        # backup waits in ``_unbacked`` instead: when copies fall behind the inserts, a longer
-        # queue would pin L1 until requests stall waiting for room (measured: 10 s of waits
-        # in a 2 s run at 70% of capacity), and what it would protect is only L2 coverage.
         self.backup_pin_limit = max(1, self.l1.allocator.usable // 4)
-        self._backup_pinned = 0  # L1 pages pinned by backups queued or being copied
         self._stack: AsyncExitStack | None = None
         self.publisher: ZmqEventPublisher | None = None  # while open: its bound endpoints
         self._tg: TaskGroup | None = None
@@ -457,7 +457,8 @@ class HiCache:
         size = self.page_size
         for node in reversed(todo):
             pages = node.num_tokens // size
-            if self._backup_pinned and self._backup_pinned + pages > self.backup_pin_limit:
+            pinned = self._backups_pending.count
+            if pinned and pinned + pages > self.backup_pin_limit:
                 self._backup_totals.skipped += 1  # copies are behind: retried as they land
                 return False
             skipped = self.backup.skipped
@@ -471,8 +472,7 @@ class HiCache:
             except anyio.WouldBlock:
                 self.backup.rollback(job)
                 return False
-            self._backups_pending.add()
-            self._backup_pinned += pages
+            self._backups_pending.add(pages)
         return True
 
     def _retry_backups(self) -> None:
@@ -481,7 +481,7 @@ class HiCache:
         releases its host pages)."""
         if self.backup is None or self.state is not _OPEN:
             return
-        if self._backup_pinned >= self.backup_pin_limit:
+        if self._backups_pending.count >= self.backup_pin_limit:
             return  # copies are behind: the next landed batch retries
         host = self.host_pool.allocator if self.host_pool is not None else None
         while self._unbacked and host is not None:
@@ -511,8 +511,7 @@ class HiCache:
                     if self.backup is not None:
                         await self.backup.run_batch(jobs)
                 finally:
-                    self._backup_pinned -= sum(job.tokens for job in jobs) // self.page_size
-                    self._backups_pending.done(len(jobs))
+                    self._backups_pending.done(sum(job.tokens for job in jobs) // self.page_size)
                 if self._unbacked:  # pages unpinned: deferred backups may fit now
                     self._retry_backups()
 
