@@ -8,7 +8,7 @@ and the optional Prometheus exporter read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, computed_field
@@ -122,7 +122,8 @@ class TransitionStats(_Frozen):
     bytes: int = 0
     seconds: float = 0.0
     failures: int = 0
-    # Backups: found no L2 room; retried later with success; given up (retry queue full).
+    # Backups: found no L2 room, or deferred while the copies were behind (the pin limit);
+    # retried later with success; given up (retry queue full).
     # Loads: too short or no L1 room; waited for another request's load of their pages.
     skipped: int = 0
     retried: int = 0
@@ -194,18 +195,7 @@ class CacheStats(_Frozen):
             for tier in Tier
         }
         transitions = {
-            name: TransitionStats(
-                count=c.count,
-                pages=c.pages,
-                bytes=c.bytes,
-                seconds=c.seconds,
-                failures=c.failures,
-                skipped=c.skipped,
-                retried=c.retried,
-                dropped=c.dropped,
-                waited=c.waited,
-            )
-            for name, c in counters.transitions.items()
+            name: TransitionStats(**asdict(c)) for name, c in counters.transitions.items()
         }
         return cls(
             requests=counters.requests,
