@@ -15,7 +15,6 @@ task group owned by the cache: leaving the ``async with`` block drains them for 
 from __future__ import annotations
 
 import collections
-import enum
 import logging
 import warnings
 from collections.abc import AsyncIterator, Sequence
@@ -28,6 +27,8 @@ import torch
 import torch.distributed as dist
 from anyio.abc import TaskGroup
 
+from hicache_async._state import OPEN as _OPEN
+from hicache_async._state import CacheState
 from hicache_async.config import HiCacheConfig, WritePolicy
 from hicache_async.errors import ClosedError, HiCacheError
 from hicache_async.events import (
@@ -73,16 +74,6 @@ __all__ = ["CacheState", "HiCache"]
 log = logging.getLogger(__name__)
 
 
-class CacheState(enum.Enum):
-    """Lifecycle of a cache."""
-
-    NEW = "new"  # built; background tasks not started
-    OPEN = "open"  # serving
-    CLOSING = "closing"  # draining background work; new sessions are refused
-    CLOSED = "closed"  # tasks stopped, backend closed; every call raises ClosedError
-
-
-_OPEN = CacheState.OPEN  # checked on every request: a module constant is the cheap lookup
 _MAX_UNBACKED = 4096  # paths waiting for a backup retry (see HiCache._unbacked)
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple, Self
 import anyio
 import torch
 
+from hicache_async._state import OPEN as _OPEN
 from hicache_async.config import PrefetchPolicy
 from hicache_async.errors import CapacityError, HiCacheError, LayoutError
 from hicache_async.memory.slots import pages_to_slots
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["Hit", "Session", "SessionState"]
 
 _DEVICE, _HOST, _STORAGE = Tier.DEVICE, Tier.HOST, Tier.STORAGE
+_new_hit = tuple.__new__  # Hit(...) runs a Python __new__; the hit path builds one per request
 
 
 class SessionState(enum.Enum):
@@ -107,7 +109,8 @@ class Session:
 
     async def __aenter__(self) -> Self:
         cache = self._cache
-        cache._check_open()
+        if cache.state is not _OPEN:
+            cache._check_open()
         if self.state is not _NEW:
             raise HiCacheError(f"a session is entered once; this one is {self.state.value}")
         tree = cache.tree
@@ -202,10 +205,8 @@ class Session:
             counters = cache.counters
             counters.hit_tokens[_DEVICE] += length
             counters.hit_pages[_DEVICE] += length // size
-            self._hit = hit = Hit(
-                length,
-                pages_to_slots(pages, size),
-                {_DEVICE: length, _HOST: 0, _STORAGE: 0},
+            self._hit = hit = _new_hit(
+                Hit, (length, pages_to_slots(pages, size), {_DEVICE: length, _HOST: 0, _STORAGE: 0})
             )
             return hit
         return await self._load(match, limit)
