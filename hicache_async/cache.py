@@ -96,6 +96,7 @@ class HiCache:
         self.drain_timeout = drain_timeout
         self.state = CacheState.NEW
         self.counters = Counters()
+        self._sessions_created = 0  # a session's ordinal tags its tensor-parallel rounds
         self.hub = EventHub()
         device = config.resolve_device()
         self.tree = RadixTree(self.page_size, config.eviction_policy, device=device)
@@ -123,10 +124,11 @@ class HiCache:
             host_allocator=self.host_pool.allocator if self.host_pool else None,
             headroom=config.eviction_headroom,
         )
-        # Tensor parallelism: ranks agree (MIN) on prefetched and on stored pages. Each purpose
-        # has its own group, so prefetch rounds and write-back rounds never pair up across
-        # ranks; within a purpose, callers keep the same order on every rank (a TP scheduler
-        # steps in lockstep). Work handles are awaited through the cache's one poller.
+        # Tensor parallelism: ranks agree (MIN) on each session's hit, on prefetched and on
+        # stored pages. Each purpose has its own group, so request rounds and write-back rounds
+        # never pair up across ranks; within a purpose rounds are tagged, and ranks that reach
+        # them in different orders all use nothing (see consensus.py). Work handles are
+        # awaited through the cache's one poller.
         self.consensus: RankConsensus | None = None
         self.write_consensus: RankConsensus | None = None
         if process_group is not None:
@@ -134,8 +136,8 @@ class HiCache:
             waiter = self.l1.poller.wait
             self.consensus = RankConsensus(process_group, waiter=waiter)
             self.write_consensus = RankConsensus(dist.new_group(ranks=ranks), waiter=waiter)
-        agree = self.consensus.agree if self.consensus is not None else None
-        write_agree = self.write_consensus.agree if self.write_consensus is not None else None
+        agree = self.consensus.agree_round if self.consensus is not None else None
+        write_agree = self.write_consensus.agree_round if self.write_consensus is not None else None
         self.storage = storage
         if self.storage is None and config.storage_enabled:
             rank = dist.get_rank(process_group) if process_group is not None else 0
@@ -508,6 +510,9 @@ class HiCache:
 
     # -- numbers --------------------------------------------------------------------------
 
+    def _consensus_groups(self) -> list[RankConsensus]:
+        return [c for c in (self.consensus, self.write_consensus) if c is not None]
+
     def stats(self) -> CacheStats:
         """A JSON-ready snapshot of hits, occupancy, transitions, queues and faults."""
         ps, tree = self.page_size, self.tree
@@ -539,6 +544,8 @@ class HiCache:
             queues=queues,
             events_published=self.hub.published,
             events_dropped=self.hub.dropped,
+            tp_rounds=sum(c.rounds for c in self._consensus_groups()),
+            tp_unpaired_rounds=sum(c.unpaired for c in self._consensus_groups()),
         )
         if self.storage is None:
             return snapshot

@@ -173,6 +173,8 @@ class CacheStats(_Frozen):
     queues: dict[str, QueueStats] = {}
     events_published: int = 0
     events_dropped: int = 0
+    tp_rounds: int = 0  # tensor-parallel agreement rounds (requests and write-backs)
+    tp_unpaired_rounds: int = 0  # of those, reached from different requests: nothing used
 
     @classmethod
     def from_counters(
@@ -183,6 +185,8 @@ class CacheStats(_Frozen):
         queues: dict[str, QueueStats] | None = None,
         events_published: int = 0,
         events_dropped: int = 0,
+        tp_rounds: int = 0,
+        tp_unpaired_rounds: int = 0,
     ) -> CacheStats:
         """Combine the live counters with the tiers' current occupancy."""
         tiers = {
@@ -215,4 +219,6 @@ class CacheStats(_Frozen):
             queues=queues or {},
             events_published=events_published,
             events_dropped=events_dropped,
+            tp_rounds=tp_rounds,
+            tp_unpaired_rounds=tp_unpaired_rounds,
         )

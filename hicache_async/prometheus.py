@@ -93,3 +93,12 @@ class StatsCollector(Collector):
         events.add_metric(["published"], s.events_published)
         events.add_metric(["dropped"], s.events_dropped)
         yield events
+
+        rounds = counter(
+            "tp_rounds",
+            "Tensor-parallel agreement rounds, by whether the ranks paired",
+            ("paired",),
+        )
+        rounds.add_metric(["true"], s.tp_rounds - s.tp_unpaired_rounds)
+        rounds.add_metric(["false"], s.tp_unpaired_rounds)
+        yield rounds

@@ -16,6 +16,7 @@ commit; cancelling the request at any await rolls back the transition in flight.
 from __future__ import annotations
 
 import enum
+import zlib
 from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, NamedTuple, Self
@@ -29,6 +30,7 @@ from hicache_async.errors import CapacityError, HiCacheError, LayoutError
 from hicache_async.memory.slots import pages_to_slots
 from hicache_async.metrics import Tier
 from hicache_async.radix import TOKEN_BYTES, MatchResult, RadixKey, TreeNode
+from hicache_async.tiers.consensus import round_tag
 from hicache_async.tiers.prefetch import PrefetchControl, PrefetchOutcome, PrefetchResult
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["Hit", "Session", "SessionState"]
 
 _DEVICE, _HOST, _STORAGE = Tier.DEVICE, Tier.HOST, Tier.STORAGE
+_LOAD_ROUND = 3  # the step bits of a load's agreement round (a prefetch uses 1 and 2)
 _new_hit = tuple.__new__  # Hit(...) runs a Python __new__; the hit path builds one per request
 
 
@@ -82,6 +85,7 @@ class Session:
         "_hit_pages",
         "_host_node",
         "_match",
+        "_ordinal",
         "_prefetch",
         "_storage_tokens",
         "key",
@@ -91,6 +95,8 @@ class Session:
 
     def __init__(self, cache: HiCache, key: RadixKey, priority: int = 0) -> None:
         self._cache = cache
+        cache._sessions_created += 1
+        self._ordinal = cache._sessions_created  # the same on every TP rank, in lockstep
         self.key = key
         self.priority = priority
         self.state = _NEW
@@ -174,7 +180,9 @@ class Session:
         deadline = None
         if policy is PrefetchPolicy.TIMEOUT:
             deadline = cache.config.prefetch_timeout(len(self.key) - self._matched_tokens())
-        result = await cache.prefetcher.fetch(self.key, self.match, deadline_s=deadline)
+        result = await cache.prefetcher.fetch(
+            self.key, self.match, deadline_s=deadline, tag=self._round_tag()
+        )
         self._after_prefetch(result)
         return result
 
@@ -184,7 +192,9 @@ class Session:
         ``limit`` caps the hit (rounded down to whole pages): a model that must compute at
         least the prompt's last token to get its logits passes ``len(tokens) - 1``.
 
-        A prefix L1 already holds completes without suspending (no copy to wait for).
+        A prefix L1 already holds completes without suspending (no copy to wait for). With
+        tensor parallelism every rank uses the same hit, the shortest any rank has (one tagged
+        agreement round; a round the ranks reached from different sessions gives no hit).
         """
         hit = self._hit
         if hit is not None:
@@ -193,9 +203,14 @@ class Session:
             self._expect(_MATCHED)
         match = self._match
         assert match is not None  # MATCHED
-        if self._prefetch is None and not match.host_hit_length and limit is None:
+        cache = self._cache
+        if (
+            self._prefetch is None
+            and not match.host_hit_length
+            and limit is None
+            and cache.consensus is None
+        ):
             # The hit path: L1 holds the whole hit, nothing to wait for or to count by tier.
-            cache = self._cache
             size = cache.page_size
             pages = self._hit_pages = match.device_pages
             length = pages.numel() * size
@@ -236,6 +251,11 @@ class Session:
                 self._device_node = loaded.last_node
                 indices = loaded.device_indices
         length = device_tokens + loaded_tokens
+        consensus = cache.consensus
+        if consensus is not None:  # every rank uses the shortest hit any rank has
+            agreed = await consensus.agree_round(self._round_tag() | _LOAD_ROUND, [length])
+            cap = agreed[0] if agreed is not None else 0
+            limit = cap if limit is None else min(limit, cap)
         if limit is not None and limit < length:
             length = max(0, limit) // cache.page_size * cache.page_size
             indices = indices[:length]
@@ -393,6 +413,15 @@ class Session:
             self._storage_tokens += result.arrived_pages * self._cache.page_size
             self._rematch()  # the arrived pages are host nodes below the match now
 
+    def _round_tag(self) -> int:
+        """This session's tag in tensor-parallel agreement rounds (0 without them)."""
+        if self._cache.consensus is None:
+            return 0
+        fingerprint = zlib.crc32(self.key.data)
+        if self.key.extra_key is not None:
+            fingerprint ^= zlib.crc32(self.key.extra_key.encode())
+        return round_tag(fingerprint, self._ordinal, 0)
+
     def _matched_tokens(self) -> int:
         return self.match.device_hit_length + self.match.host_hit_length
 
@@ -459,7 +488,7 @@ class _BackgroundPrefetch:
         assert cache.prefetcher is not None
         try:
             self.result = await cache.prefetcher.fetch(
-                self.session.key, self.match, control=self.control
+                self.session.key, self.match, control=self.control, tag=self.session._round_tag()
             )
         finally:
             cache.tree.unlock_host(self.match.last_host_node)

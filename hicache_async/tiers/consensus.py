@@ -10,6 +10,14 @@ report (SGLang deadlocked when one rank skipped a round). :class:`RankConsensus`
 rounds in call order (one at a time) and numbers them, so two rounds can never interleave; the
 caller must still reach its rounds in the same order on every rank, e.g. from one scheduler
 step, passing zeros when idle.
+
+Rounds pair up by position only, so a rank that reaches them in another order (concurrent
+requests whose awaits finished in another order there) would take the minimum of unrelated
+counts. :meth:`RankConsensus.agree_round` carries a tag (which request, which step) through the
+reduction, as a MIN of the tag and of its negation: when the two differ, the ranks were not at
+the same round, every rank sees it, and every rank returns ``None`` (the callers then use
+nothing, the same nothing everywhere). An operation that stops at its first unpaired round stops
+there on every rank, so all ranks still issue the same number of rounds.
 """
 
 from __future__ import annotations
@@ -22,7 +30,17 @@ import torch.distributed as dist
 
 from hicache_async.errors import ConfigError
 
-__all__ = ["RankConsensus", "poll_until_done"]
+__all__ = ["ROUND_VALUES", "RankConsensus", "poll_until_done", "round_tag"]
+
+ROUND_VALUES = 3  # counts one tagged round carries: every round has the same shape on the wire
+_TAG_MASK = (1 << 61) - 1
+
+
+def round_tag(fingerprint: int, ordinal: int, step: int) -> int:
+    """A round's tag: the request's fingerprint (e.g. a CRC of its key), its ordinal (sessions
+    are created in the same order on every rank) and the step within it (< 4); non-negative
+    and below 2**61, so its negation fits the int64 reduction too."""
+    return ((fingerprint << 29) ^ (ordinal << 2) ^ step) & _TAG_MASK
 
 
 async def poll_until_done(work: dist.Work) -> None:
@@ -60,6 +78,7 @@ class RankConsensus:
         self._device = torch.device(device)
         self._lock = anyio.Lock()  # FIFO: rounds go out in call order
         self.rounds = 0
+        self.unpaired = 0  # tagged rounds the ranks reached in different orders
 
     async def agree_min(self, values: Sequence[int]) -> list[int]:
         """The element-wise minimum of ``values`` over all ranks (same length on every rank)."""
@@ -79,3 +98,17 @@ class RankConsensus:
     async def agree(self, value: int) -> int:
         """The minimum of one count over all ranks."""
         return (await self.agree_min([value]))[0]
+
+    async def agree_round(self, tag: int, values: Sequence[int]) -> list[int] | None:
+        """The element-wise minimum of ``values`` (at most :data:`ROUND_VALUES`) over all ranks,
+        or ``None`` on every rank when not all of them passed the same ``tag`` (they reached
+        this round from different requests or steps). Use one shape per group: untagged
+        :meth:`agree_min` rounds of another length must not share the group."""
+        if not 0 <= tag <= _TAG_MASK or len(values) > ROUND_VALUES:
+            raise ValueError(f"a round takes a tag in [0, 2**61) and <= {ROUND_VALUES} values")
+        padded = [*values, *[0] * (ROUND_VALUES - len(values)), tag, -tag]
+        out = await self.agree_min(padded)
+        if out[ROUND_VALUES] != -out[ROUND_VALUES + 1]:  # min(tag) != max(tag)
+            self.unpaired += 1
+            return None
+        return out[: len(values)]

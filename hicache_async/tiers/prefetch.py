@@ -1,19 +1,25 @@
 """Prefetch (L3 -> L2): bring the pages of a prompt that L1 and L2 miss from storage.
 
-reserve: ask L3 how many leading pages it holds (``batch_exists``; ranks agree on the MIN),
-check the in-flight capacity, reserve host pages for exactly those. move: ``batch_get_v1`` in
-batches, in prefix order, stopping at the first page that did not arrive; the caller's deadline
-or termination cancels the batch in flight (the backend waits for its threads before it
-returns, so no thread still writes a page we free). commit: insert the leading pages that
-arrived (ranks agree on the MIN) as host-only nodes, emit ``BlockStored(CPU_PINNED)``, free the
-rest. rollback (an error or the caller's cancellation): free every reserved page.
+reserve: ask L3 how many leading pages it holds (``batch_exists``), check the in-flight
+capacity, reserve host pages for exactly those. move: ``batch_get_v1`` in batches, in prefix
+order, stopping at the first page that did not arrive; the caller's deadline or termination
+cancels the batch in flight (the backend waits for its threads before it returns, so no thread
+still writes a page we free). commit: insert the leading pages that arrived as host-only nodes,
+emit ``BlockStored(CPU_PINNED)``, free the rest. rollback (an error or the caller's
+cancellation): free every reserved page.
+
+With tensor parallelism every prefetch makes two tagged agreement rounds whatever this rank
+holds: how far the prompt's prefix reaches on every rank (its tree, then L3), then how far it
+reaches once the pages arrived. Counts are absolute (pages from the prompt's start), because
+ranks' trees need not hold the same prefix (backups and evictions land at different times);
+each rank fetches from where its own tree ends, and keeps pages only up to where every rank got.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -29,6 +35,8 @@ from hicache_async.tiers._pending import Pending
 from hicache_async.tiers.host import HostTier
 
 __all__ = ["PrefetchControl", "PrefetchOutcome", "PrefetchResult", "Prefetcher"]
+
+_REACH, _ARRIVED = 1, 2  # a prefetch's two agreement rounds (the step bits of its tag)
 
 
 class PrefetchOutcome(enum.Enum):
@@ -48,8 +56,8 @@ class PrefetchResult:
     """What a prefetch brought: pages inserted into the tree as host-resident."""
 
     outcome: PrefetchOutcome
-    found_pages: int = 0  # pages L3 held (agreed by all ranks)
-    arrived_pages: int = 0  # pages inserted (agreed by all ranks)
+    found_pages: int = 0  # pages this rank asked L3 for (every rank can reach that far)
+    arrived_pages: int = 0  # pages inserted (every rank has them)
 
 
 class PrefetchControl:
@@ -81,7 +89,7 @@ class Prefetcher:
         threshold_tokens: int,
         capacity_pages: int,
         batch_pages: int = 64,
-        agree: Callable[[int], Awaitable[int]] | None = None,
+        agree: Callable[[int, Sequence[int]], Awaitable[list[int] | None]] | None = None,
     ) -> None:
         self.tree, self.host, self.storage = tree, host, storage
         self.counters, self.hub = counters, hub
@@ -92,8 +100,10 @@ class Prefetcher:
         self.inflight_pages = 0
         self.running = Pending()  # prefetches under way (a drain waits for them)
 
-    async def _agreed(self, value: int) -> int:
-        return value if self._agree is None else await self._agree(value)
+    async def _agreed(self, tag: int, values: Sequence[int]) -> list[int] | None:
+        """The minimum over tensor-parallel ranks (``values`` alone without them); ``None``
+        when the ranks were at different rounds."""
+        return list(values) if self._agree is None else await self._agree(tag, values)
 
     def suffix_keys(self, key: RadixKey, match: MatchResult) -> tuple[int, str | None, list[str]]:
         """Tokens already matched, the hash of the last matched page, and the L3 keys of the
@@ -115,23 +125,28 @@ class Prefetcher:
         *,
         deadline_s: float | None = None,
         control: PrefetchControl | None = None,
+        tag: int = 0,
     ) -> PrefetchResult:
         """Prefetch the pages of ``key`` after ``match`` (whose nodes the caller keeps locked).
 
         At ``deadline_s`` or when ``control`` terminates it, the pages that fully arrived are
-        kept. Cancelling the caller instead rolls everything back.
+        kept. Cancelling the caller instead rolls everything back. ``tag`` names the request
+        in tensor-parallel rounds (see :func:`~hicache_async.tiers.consensus.round_tag`; its
+        step bits must be 0).
         """
         matched, parent_hash, keys = self.suffix_keys(key, match)
-        if len(keys) * self.tree.page_size < max(self.threshold_tokens, 1):
+        want = len(keys) * self.tree.page_size >= max(self.threshold_tokens, 1)
+        if not want and self._agree is None:
             self.counters.prefetch_skipped += 1
             return PrefetchResult(PrefetchOutcome.SKIPPED)
-        self.counters.prefetch_issued += 1
         # The new pages hang below the matched path: keep it in the tree until they do.
         self.tree.lock(match.last_device_node)
         self.tree.lock_host(match.last_host_node)
         self.running.add()
         try:
-            return await self._fetch(key, matched, parent_hash, keys, deadline_s, control)
+            return await self._fetch(
+                key, matched, parent_hash, keys, want, deadline_s, control, tag
+            )
         finally:
             self.tree.unlock_host(match.last_host_node)
             self.tree.unlock(match.last_device_node)
@@ -143,29 +158,46 @@ class Prefetcher:
         matched: int,
         parent_hash: str | None,
         keys: list[str],
+        want: bool,
         deadline_s: float | None,
         control: PrefetchControl | None,
+        tag: int,
     ) -> PrefetchResult:
-        found = await self._agreed(await self.storage.batch_exists(keys))
-        if found == 0:
+        held = matched // self.tree.page_size  # pages this rank's tree holds already
+        found = await self.storage.batch_exists(keys) if want else 0
+        agreed = await self._agreed(tag | _REACH, [int(want), held + found, held])
+        if agreed is None or not agreed[0]:  # unpaired, or a rank is under the threshold
+            self.counters.prefetch_skipped += 1
+            return PrefetchResult(PrefetchOutcome.SKIPPED)
+        self.counters.prefetch_issued += 1
+        _, reach, least = agreed
+        if reach <= least:  # no rank can extend the prefix every rank holds
             return PrefetchResult(PrefetchOutcome.MISS)
-        keys = keys[:found]
+        keys = keys[: max(0, reach - held)]  # this rank's share (none if its tree reaches)
+        found = len(keys)
         slots = None
-        if self.inflight_pages + found <= self.capacity_pages:
+        if keys and self.inflight_pages + found <= self.capacity_pages:
             slots = self.host.reserve(found)
-        if slots is None:
+        refused = bool(keys) and slots is None
+        if refused:  # still agrees below, reporting nothing arrived
             self.counters.prefetch_refused += 1
-            return PrefetchResult(PrefetchOutcome.REFUSED, found)
-        self.inflight_pages += found
+        arrived, timed_out = 0, False
+        self.inflight_pages += found if slots is not None else 0
         try:
-            arrived, timed_out = await self._move(keys, slots, deadline_s, control)
-            arrived = await self._agreed(arrived)
+            if slots is not None:
+                arrived, timed_out = await self._move(keys, slots, deadline_s, control)
+            agreed = await self._agreed(tag | _ARRIVED, [held + arrived])
         except BaseException:
-            self.inflight_pages -= found
-            self.host.free(slots)
+            if slots is not None:
+                self.inflight_pages -= found
+                self.host.free(slots)
             raise
-        self.inflight_pages -= found
-        self._commit(key, matched, parent_hash, keys, slots, arrived)
+        arrived = min(arrived, max(0, agreed[0] - held)) if agreed is not None else 0
+        if slots is not None:
+            self.inflight_pages -= found
+            self._commit(key, matched, parent_hash, keys, slots, arrived)
+        if refused:
+            return PrefetchResult(PrefetchOutcome.REFUSED, found)
         if timed_out:
             self.counters.prefetch_timed_out += 1
             outcome = PrefetchOutcome.TIMED_OUT

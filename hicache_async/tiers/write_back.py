@@ -8,15 +8,17 @@ dropped and counted rather than waiting (the caller is a commit, which never blo
 The writer task batches queued jobs into ``batch_set_v1`` calls, each under a deadline. It does
 not unlock: it hands each job with the backend's answer to the bounded release stream. The
 release task takes them in order, agrees with the other tensor-parallel ranks on how many pages
-every rank stored (MIN, when a consensus is configured), emits ``BlockStored`` for those pages,
-and only then releases the host lock.
+every rank stored (MIN, when a consensus is configured; a job that another rank released in
+another order counts as not stored), emits ``BlockStored`` for those pages, and only then
+releases the host lock.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 import anyio
@@ -60,7 +62,7 @@ class WriteBack:
         max_jobs: int = 256,
         batch_pages: int = 64,
         deadline_s: float = 30.0,
-        agree: Callable[[int], Awaitable[int]] | None = None,
+        agree: Callable[[int, Sequence[int]], Awaitable[list[int] | None]] | None = None,
     ) -> None:
         self.tree, self.storage, self.counters, self.hub = tree, storage, counters, hub
         self.medium = medium
@@ -173,7 +175,11 @@ class WriteBack:
                 try:
                     stored = leading(flags)
                     if self._agree is not None:
-                        stored = await self._agree(stored)
+                        # Tagged by the job's first page: jobs land in another order on
+                        # another rank when backups did, and then none counts as stored.
+                        tag = zlib.crc32(job.keys[0].encode()) if job.keys else 0
+                        agreed = await self._agree(tag, [stored])
+                        stored = agreed[0] if agreed is not None else 0
                     if stored and job.event is not None:
                         self._emit(job.event, stored)
                 finally:

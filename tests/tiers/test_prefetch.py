@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import anyio
 import pytest
 import torch
@@ -157,14 +160,79 @@ async def test_corrupt_pages_are_misses_never_data(rig: Rig) -> None:
     assert rig.storage.stats.errors["corrupt"] >= 1
 
 
+def other_rank(reach: int, held: int, arrived: int) -> Any:
+    """Another tensor-parallel rank in the agreement rounds: its tree holds ``held`` pages of
+    the prompt, its L3 reaches ``reach`` pages from the start, ``arrived`` pages reach it."""
+    rounds: list[int] = []
+
+    async def agree(tag: int, values: Sequence[int]) -> list[int] | None:
+        rounds.append(tag & 3)
+        theirs = [1, reach, held] if tag & 3 == 1 else [arrived]
+        return [min(a, b) for a, b in zip(values, theirs, strict=True)]
+
+    agree.rounds = rounds  # type: ignore[attr-defined]
+    return agree
+
+
 async def test_ranks_use_only_what_every_rank_has(rig: Rig) -> None:
     await store_pages(rig, TOKENS, 10)
-
-    async def other_rank_found_four(value: int) -> int:
-        return min(value, 4)
-
     key = RadixKey(TOKENS)
-    result = await make(rig, agree=other_rank_found_four).fetch(key, rig.tree.match_prefix(key))
+    agree = other_rank(reach=4, held=0, arrived=4)
+    result = await make(rig, agree=agree).fetch(key, rig.tree.match_prefix(key), tag=8)
     assert (result.found_pages, result.arrived_pages) == (4, 4)
+    assert agree.rounds == [1, 2]  # the reach, then the arrival
     assert rig.tree.match_prefix(key).host_hit_length == 4 * PS
     assert torch.equal(torch.tensor(rig.pool.allocator.available), torch.tensor(28))
+
+
+async def test_ranks_keep_only_what_arrived_everywhere(rig: Rig) -> None:
+    await store_pages(rig, TOKENS, 10)
+    key = RadixKey(TOKENS)
+    agree = other_rank(reach=10, held=0, arrived=3)  # its fetch stopped after 3 pages
+    result = await make(rig, agree=agree).fetch(key, rig.tree.match_prefix(key), tag=8)
+    assert (result.found_pages, result.arrived_pages) == (10, 3)
+    assert result.outcome is PrefetchOutcome.PARTIAL
+    assert rig.tree.match_prefix(key).host_hit_length == 3 * PS
+    assert rig.pool.allocator.available == 32 - 3
+
+
+async def test_a_rank_whose_tree_holds_more_fetches_from_where_it_ends(rig: Rig) -> None:
+    """Ranks' trees differ (backups land at different times): the other rank holds 6 pages
+    in its tree and L3 has none after them, so every rank can reach 6 pages; this one holds
+    none, so it fetches 6 pages from L3 (which has 10)."""
+    await store_pages(rig, TOKENS, 10)
+    key = RadixKey(TOKENS)
+    agree = other_rank(reach=6, held=6, arrived=6)
+    result = await make(rig, agree=agree).fetch(key, rig.tree.match_prefix(key), tag=8)
+    assert (result.found_pages, result.arrived_pages) == (6, 6)
+    assert rig.tree.match_prefix(key).host_hit_length == 6 * PS
+
+
+async def test_an_unpaired_round_fetches_nothing(rig: Rig) -> None:
+    await store_pages(rig, TOKENS, 10)
+    key = RadixKey(TOKENS)
+
+    async def other_rank_elsewhere(tag: int, values: Sequence[int]) -> list[int] | None:
+        return None  # the other rank was at another request's round
+
+    result = await make(rig, agree=other_rank_elsewhere).fetch(key, rig.tree.match_prefix(key))
+    assert result.outcome is PrefetchOutcome.SKIPPED
+    assert rig.tree.match_prefix(key).host_hit_length == 0
+    assert rig.pool.allocator.available == 32
+
+
+async def test_a_rank_under_the_threshold_skips_for_every_rank(rig: Rig) -> None:
+    """One rank's tree holds most of the prompt, so its suffix is under the threshold; the
+    reach round still happens on it, and every rank skips."""
+    await store_pages(rig, TOKENS, 10)
+    key = RadixKey(TOKENS)
+    rounds: list[list[int]] = []
+
+    async def under_threshold(tag: int, values: Sequence[int]) -> list[int] | None:
+        rounds.append(list(values))
+        return [0, *values[1:]] if tag & 3 == 1 else list(values)
+
+    result = await make(rig, agree=under_threshold).fetch(key, rig.tree.match_prefix(key))
+    assert result.outcome is PrefetchOutcome.SKIPPED
+    assert rounds == [[1, 10, 0]]  # this rank wanted all 10 pages; one round, no arrival round
+    assert rig.pool.allocator.available == 32

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import anyio
+import pytest
 import torch
 
 from hicache_async.events import BlockStored, StorageMedium
@@ -62,8 +65,8 @@ async def test_full_queue_drops_and_unlocks(rig: Rig) -> None:
 
 
 async def test_consensus_limits_what_counts_as_stored(rig: Rig) -> None:
-    async def other_rank_has_two(stored: int) -> int:
-        return min(stored, 2)
+    async def other_rank_has_two(tag: int, stored: Sequence[int]) -> list[int] | None:
+        return [min(stored[0], 2)]
 
     key, _ = host_node(rig, list(range(12)), value=3)
     node = rig.tree.match_prefix(key).last_host_node
@@ -82,4 +85,28 @@ async def test_consensus_limits_what_counts_as_stored(rig: Rig) -> None:
     (event,) = (await rig.events.receive()).events
     assert isinstance(event, BlockStored)
     assert len(event.block_hashes) == 2
+    assert node.host_lock_ref == 0
+
+
+async def test_a_job_released_in_another_order_elsewhere_counts_as_not_stored(rig: Rig) -> None:
+    async def other_rank_at_another_job(tag: int, stored: Sequence[int]) -> list[int] | None:
+        return None
+
+    key, _ = host_node(rig, list(range(12)), value=3)
+    node = rig.tree.match_prefix(key).last_host_node
+    wb = WriteBack(
+        rig.tree,
+        rig.storage,
+        rig.counters,
+        rig.hub,
+        medium=StorageMedium.DISK,
+        agree=other_rank_at_another_job,
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wb.run)
+        wb.submit(node)
+        wb.close()
+    with anyio.move_on_after(0.2):
+        batch = await rig.events.receive()
+        pytest.fail(f"no event for pages not every rank stored: {batch}")
     assert node.host_lock_ref == 0
