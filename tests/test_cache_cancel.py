@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -123,3 +125,61 @@ async def test_corrupting_storage_gives_misses_never_wrong_bytes(stored: Path) -
             assert_nothing_leaked(cache)
         assert bad.corrupted > 0
         assert cache.stats().storage.corrupt_pages > 0
+
+
+class _CancelAtYield:
+    """Awaits ``coro`` as ``yield from`` would, counting the times it suspends; at suspension
+    ``at`` it cancels ``scope`` before handing the awaited object to the loop, so anyio
+    delivers the cancellation at exactly that await (or, inside a shielded part, at the first
+    checkpoint after it), the way a client going away mid-request does. ``at=0`` never
+    cancels: it counts the suspensions of a whole request."""
+
+    def __init__(self, coro: Any, scope: anyio.CancelScope, at: int) -> None:
+        self.coro, self.scope, self.at = coro, scope, at
+        self.suspensions = 0
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        inner = self.coro.__await__()
+        sent: Any = None
+        thrown: BaseException | None = None
+        while True:
+            try:
+                awaited = inner.throw(thrown) if thrown is not None else inner.send(sent)
+            except StopIteration as stop:
+                return stop.value
+            self.suspensions += 1
+            if self.suspensions == self.at:
+                self.scope.cancel()
+            try:
+                sent, thrown = (yield awaited), None
+            except BaseException as exc:
+                sent, thrown = None, exc
+
+
+async def _serve_cancelled_at(path: Path, at: int) -> tuple[int, bool]:
+    """Serve PROMPT from a fresh cache over ``path``, cancelled at suspension ``at``; check
+    that nothing leaked and that the cache still serves it bit-exact. Returns how many times
+    the request suspended, and whether the cancellation cut it (a cancellation that lands in
+    a shielded part, e.g. waiting for a copy to land, lets the request finish if no
+    checkpoint follows)."""
+    async with HiCache.open(config(path), storage=slow_file_storage(path)) as cache:
+        cache.prefetcher.batch_pages = 4  # type: ignore[union-attr]  # more await points
+        with anyio.CancelScope() as scope:
+            step = _CancelAtYield(serve(cache, PROMPT), scope, at)
+            await step
+        if at == 0:
+            assert not scope.cancel_called
+        await cache.drain()
+        assert_nothing_leaked(cache)
+        assert await serve(cache, PROMPT) == PROMPT.numel()
+        assert_nothing_leaked(cache)
+        return step.suspensions, scope.cancelled_caught
+
+
+async def test_cancel_at_every_await_point(stored: Path) -> None:
+    """A request from L3 (prefetch in batches, load to L1, commit, backup) cancelled at each
+    of the points where it suspends, one fresh cache per point."""
+    total, _ = await _serve_cancelled_at(stored, 0)
+    assert total >= 8, f"the request suspended only {total} times: not the path meant"
+    cut = [(await _serve_cancelled_at(stored, at))[1] for at in range(1, total + 1)]
+    assert sum(cut) >= total * 3 // 4, f"only {sum(cut)} of {total} cancellations cut it"
