@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import pytest
 import torch
 
 from hicache_async.events import BlockStored, StorageMedium
-from hicache_async.radix import RadixKey
+from hicache_async.radix import RadixKey, TreeNode
 from hicache_async.tiers.write_back import WriteBack
 
 from .conftest import LAYOUT, Rig
@@ -64,24 +65,25 @@ async def test_full_queue_drops_and_unlocks(rig: Rig) -> None:
     assert first.host_lock_ref == 0
 
 
-async def test_consensus_limits_what_counts_as_stored(rig: Rig) -> None:
-    async def other_rank_has_two(tag: int, stored: Sequence[int]) -> list[int] | None:
-        return [min(stored[0], 2)]
-
+async def release_one_job(rig: Rig, agree: Any) -> TreeNode:
+    """Write one 3-page host node back through a WriteBack whose rounds go to ``agree``."""
     key, _ = host_node(rig, list(range(12)), value=3)
     node = rig.tree.match_prefix(key).last_host_node
     wb = WriteBack(
-        rig.tree,
-        rig.storage,
-        rig.counters,
-        rig.hub,
-        medium=StorageMedium.DISK,
-        agree=other_rank_has_two,
+        rig.tree, rig.storage, rig.counters, rig.hub, medium=StorageMedium.DISK, agree=agree
     )
     async with anyio.create_task_group() as tg:
         tg.start_soon(wb.run)
         wb.submit(node)
         wb.close()
+    return node
+
+
+async def test_consensus_limits_what_counts_as_stored(rig: Rig) -> None:
+    async def other_rank_has_two(tag: int, stored: Sequence[int]) -> list[int] | None:
+        return [min(stored[0], 2)]
+
+    node = await release_one_job(rig, other_rank_has_two)
     (event,) = (await rig.events.receive()).events
     assert isinstance(event, BlockStored)
     assert len(event.block_hashes) == 2
@@ -92,20 +94,7 @@ async def test_a_job_released_in_another_order_elsewhere_counts_as_not_stored(ri
     async def other_rank_at_another_job(tag: int, stored: Sequence[int]) -> list[int] | None:
         return None
 
-    key, _ = host_node(rig, list(range(12)), value=3)
-    node = rig.tree.match_prefix(key).last_host_node
-    wb = WriteBack(
-        rig.tree,
-        rig.storage,
-        rig.counters,
-        rig.hub,
-        medium=StorageMedium.DISK,
-        agree=other_rank_at_another_job,
-    )
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(wb.run)
-        wb.submit(node)
-        wb.close()
+    node = await release_one_job(rig, other_rank_at_another_job)
     with anyio.move_on_after(0.2):
         batch = await rig.events.receive()
         pytest.fail(f"no event for pages not every rank stored: {batch}")
