@@ -124,20 +124,16 @@ class HiCache:
             host_allocator=self.host_pool.allocator if self.host_pool else None,
             headroom=config.eviction_headroom,
         )
-        # Tensor parallelism: ranks agree (MIN) on each session's hit, on prefetched and on
-        # stored pages. Each purpose has its own group, so request rounds and write-back rounds
-        # never pair up across ranks; within a purpose rounds are tagged, and ranks that reach
-        # them in different orders all use nothing (see consensus.py). Work handles are
-        # awaited through the cache's one poller.
+        # Tensor parallelism: ranks agree (MIN) on each session's hit and on prefetched pages,
+        # in tagged rounds that sessions make in lockstep (see consensus.py). L3 writes are
+        # not agreed: a rank's write-back jobs follow its own tree, whose nodes split and
+        # back up differently from the other ranks', so per-job rounds would not pair up
+        # (a rank with one job more waits for ever); what a prefetch uses is agreed anyway.
+        # Work handles are awaited through the cache's one poller.
         self.consensus: RankConsensus | None = None
-        self.write_consensus: RankConsensus | None = None
         if process_group is not None:
-            ranks = dist.get_process_group_ranks(process_group)
-            waiter = self.l1.poller.wait
-            self.consensus = RankConsensus(process_group, waiter=waiter)
-            self.write_consensus = RankConsensus(dist.new_group(ranks=ranks), waiter=waiter)
+            self.consensus = RankConsensus(process_group, waiter=self.l1.poller.wait)
         agree = self.consensus.agree_round if self.consensus is not None else None
-        write_agree = self.write_consensus.agree_round if self.write_consensus is not None else None
         self.storage = storage
         if self.storage is None and config.storage_enabled:
             rank = dist.get_rank(process_group) if process_group is not None else 0
@@ -164,7 +160,7 @@ class HiCache:
                 StorageMedium.DISK if config.storage_backend == "file" else StorageMedium.EXTERNAL
             )
             self.write_back = WriteBack(
-                self.tree, self.storage, self.counters, self.hub, medium=medium, agree=write_agree
+                self.tree, self.storage, self.counters, self.hub, medium=medium
             )
             self.storage.removal_listener = self._l3_removed
             self.write_back.on_release = self._retry_backups  # unlocked pages: room on L2
@@ -510,9 +506,6 @@ class HiCache:
 
     # -- numbers --------------------------------------------------------------------------
 
-    def _consensus_groups(self) -> list[RankConsensus]:
-        return [c for c in (self.consensus, self.write_consensus) if c is not None]
-
     def stats(self) -> CacheStats:
         """A JSON-ready snapshot of hits, occupancy, transitions, queues and faults."""
         ps, tree = self.page_size, self.tree
@@ -544,8 +537,8 @@ class HiCache:
             queues=queues,
             events_published=self.hub.published,
             events_dropped=self.hub.dropped,
-            tp_rounds=sum(c.rounds for c in self._consensus_groups()),
-            tp_unpaired_rounds=sum(c.unpaired for c in self._consensus_groups()),
+            tp_rounds=self.consensus.rounds if self.consensus is not None else 0,
+            tp_unpaired_rounds=self.consensus.unpaired if self.consensus is not None else 0,
         )
         if self.storage is None:
             return snapshot

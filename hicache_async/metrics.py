@@ -173,7 +173,7 @@ class CacheStats(_Frozen):
     queues: dict[str, QueueStats] = {}
     events_published: int = 0
     events_dropped: int = 0
-    tp_rounds: int = 0  # tensor-parallel agreement rounds (requests and write-backs)
+    tp_rounds: int = 0  # tensor-parallel agreement rounds (hits and prefetches)
     tp_unpaired_rounds: int = 0  # of those, reached from different requests: nothing used
 
     @classmethod

@@ -84,6 +84,7 @@ class Session:
         "_hit",
         "_hit_pages",
         "_host_node",
+        "_load_round",
         "_match",
         "_ordinal",
         "_prefetch",
@@ -110,6 +111,7 @@ class Session:
         self._storage_tokens = 0
         self._hit: Hit | None = None
         self._hit_pages: torch.Tensor | None = None  # the hit's page table, when L1 held it all
+        self._load_round = False  # tensor parallelism: this session's load round was made
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -226,8 +228,9 @@ class Session:
             return hit
         return await self._load(match, limit)
 
-    async def _load(self, match: MatchResult, limit: int | None) -> Hit:
-        """:meth:`load` of a hit that has a host part, a prefetch or a limit."""
+    async def _load_here(self, match: MatchResult) -> tuple[MatchResult, torch.Tensor, int, int]:
+        """This rank's part of :meth:`_load`: collect the prefetch, load the host part. Returns
+        the match, the hit's token slots, and the tokens L1 held and loaded."""
         if self._prefetch is not None:
             self._prefetch.control.terminate()
             await self._prefetch.done.wait()
@@ -250,11 +253,28 @@ class Session:
                 self._release_device_lock()
                 self._device_node = loaded.last_node
                 indices = loaded.device_indices
+        return match, indices, device_tokens, loaded_tokens
+
+    async def _load(self, match: MatchResult, limit: int | None) -> Hit:
+        """:meth:`load` of a hit that has a host part, a prefetch or a limit (or ranks)."""
+        cache = self._cache
+        try:
+            match, indices, device_tokens, loaded_tokens = await self._load_here(match)
+        except BaseException:
+            if cache.consensus is not None and not self._load_round:
+                # The other ranks still make this session's round: make it, using nothing.
+                self._load_round = True
+                with anyio.CancelScope(shield=True):
+                    await cache.consensus.agree_round(self._round_tag() | _LOAD_ROUND, [0])
+            raise
         length = device_tokens + loaded_tokens
         consensus = cache.consensus
         if consensus is not None:  # every rank uses the shortest hit any rank has
-            agreed = await consensus.agree_round(self._round_tag() | _LOAD_ROUND, [length])
-            cap = agreed[0] if agreed is not None else 0
+            cap = 0  # a second load() after a failed one: its round was made
+            if not self._load_round:
+                self._load_round = True
+                agreed = await consensus.agree_round(self._round_tag() | _LOAD_ROUND, [length])
+                cap = agreed[0] if agreed is not None else 0
             limit = cap if limit is None else min(limit, cap)
         if limit is not None and limit < length:
             length = max(0, limit) // cache.page_size * cache.page_size

@@ -28,9 +28,15 @@ import anyio
 import torch
 import torch.distributed as dist
 
-from hicache_async.errors import ConfigError
+from hicache_async.errors import ConfigError, HiCacheError
 
-__all__ = ["ROUND_VALUES", "RankConsensus", "poll_until_done", "round_tag"]
+__all__ = ["ROUND_VALUES", "AgreementError", "RankConsensus", "poll_until_done", "round_tag"]
+
+
+class AgreementError(HiCacheError):
+    """A collective of the ranks' agreement failed (a peer went away, the group timed out):
+    its result would be this rank's own values, so nothing may be used from it."""
+
 
 ROUND_VALUES = 3  # counts one tagged round carries: every round has the same shape on the wire
 _TAG_MASK = (1 << 61) - 1
@@ -82,18 +88,26 @@ class RankConsensus:
 
     async def agree_min(self, values: Sequence[int]) -> list[int]:
         """The element-wise minimum of ``values`` over all ranks (same length on every rank)."""
-        async with self._lock:
-            tensor = torch.tensor(list(values), dtype=torch.int64, device=self._device)
-            if tensor.numel() == 0:
-                tensor = torch.zeros(1, dtype=torch.int64, device=self._device)
-            work = dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
-            assert work is not None
-            # The collective reads and writes ``tensor``: a cancelled caller still waits for it,
-            # or the next round would race this one on the wire.
-            with anyio.CancelScope(shield=True):
+        # A round, once asked for, goes out and completes even if the caller is cancelled:
+        # a rank that skipped it would pair every later round with the wrong one. So the
+        # queueing for the lock and the wait are shielded; the caller sees its cancellation
+        # at its next checkpoint.
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                tensor = torch.tensor(list(values), dtype=torch.int64, device=self._device)
+                if tensor.numel() == 0:
+                    tensor = torch.zeros(1, dtype=torch.int64, device=self._device)
+                work = dist.all_reduce(
+                    tensor, op=dist.ReduceOp.MIN, group=self.group, async_op=True
+                )
+                assert work is not None
                 await self._waiter(work)
-            self.rounds += 1
-            return tensor.tolist()[: len(values)]
+                try:
+                    work.wait()  # completed: returns at once, or raises what the collective hit
+                except Exception as exc:  # a peer went away, a timeout: the values are ours
+                    raise AgreementError(f"tensor-parallel agreement failed: {exc}") from exc
+                self.rounds += 1
+        return tensor.tolist()[: len(values)]
 
     async def agree(self, value: int) -> int:
         """The minimum of one count over all ranks."""

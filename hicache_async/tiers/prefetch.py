@@ -32,6 +32,7 @@ from hicache_async.storage import HiCacheStorage
 from hicache_async.tiers._events import token_list
 from hicache_async.tiers._paged import leading
 from hicache_async.tiers._pending import Pending
+from hicache_async.tiers.consensus import AgreementError
 from hicache_async.tiers.host import HostTier
 
 __all__ = ["PrefetchControl", "PrefetchOutcome", "PrefetchResult", "Prefetcher"]
@@ -105,6 +106,25 @@ class Prefetcher:
         when the ranks were at different rounds."""
         return list(values) if self._agree is None else await self._agree(tag, values)
 
+    def _goes_on(self, agreed: list[int] | None, total: int) -> bool:
+        """Whether the rounds after the reach round happen (the same answer on every rank:
+        it reads only agreed values). Under tensor parallelism the threshold applies here,
+        to the rank whose tree holds the least, not to each rank's own suffix."""
+        if agreed is None:
+            return False
+        least = agreed[1]
+        return (total - least) * self.tree.page_size >= max(self.threshold_tokens, 1)
+
+    async def _finish_rounds(self, tag: int, held: int, total: int, done: int) -> None:
+        """After an error or a cancellation on this rank, make the rounds the other ranks
+        still make, reporting nothing of ours (shielded: the rounds go out regardless)."""
+        with anyio.CancelScope(shield=True):
+            if done == 0:
+                agreed = await self._agreed(tag | _REACH, [held, held])
+                if not self._goes_on(agreed, total) or agreed is None or agreed[0] <= agreed[1]:
+                    return
+            await self._agreed(tag | _ARRIVED, [held])
+
     def suffix_keys(self, key: RadixKey, match: MatchResult) -> tuple[int, str | None, list[str]]:
         """Tokens already matched, the hash of the last matched page, and the L3 keys of the
         whole pages after them."""
@@ -135,8 +155,8 @@ class Prefetcher:
         step bits must be 0).
         """
         matched, parent_hash, keys = self.suffix_keys(key, match)
-        want = len(keys) * self.tree.page_size >= max(self.threshold_tokens, 1)
-        if not want and self._agree is None:
+        short = len(keys) * self.tree.page_size < max(self.threshold_tokens, 1)
+        if short and self._agree is None:  # with ranks, the threshold is agreed (_goes_on)
             self.counters.prefetch_skipped += 1
             return PrefetchResult(PrefetchOutcome.SKIPPED)
         # The new pages hang below the matched path: keep it in the tree until they do.
@@ -144,9 +164,7 @@ class Prefetcher:
         self.tree.lock_host(match.last_host_node)
         self.running.add()
         try:
-            return await self._fetch(
-                key, matched, parent_hash, keys, want, deadline_s, control, tag
-            )
+            return await self._fetch(key, matched, parent_hash, keys, deadline_s, control, tag)
         finally:
             self.tree.unlock_host(match.last_host_node)
             self.tree.unlock(match.last_device_node)
@@ -158,22 +176,47 @@ class Prefetcher:
         matched: int,
         parent_hash: str | None,
         keys: list[str],
-        want: bool,
         deadline_s: float | None,
         control: PrefetchControl | None,
         tag: int,
     ) -> PrefetchResult:
         held = matched // self.tree.page_size  # pages this rank's tree holds already
-        found = await self.storage.batch_exists(keys) if want else 0
-        agreed = await self._agreed(tag | _REACH, [int(want), held + found, held])
-        if agreed is None or not agreed[0]:  # unpaired, or a rank is under the threshold
-            self.counters.prefetch_skipped += 1
-            return PrefetchResult(PrefetchOutcome.SKIPPED)
-        self.counters.prefetch_issued += 1
-        _, reach, least = agreed
-        if reach <= least:  # no rank can extend the prefix every rank holds
-            return PrefetchResult(PrefetchOutcome.MISS)
-        keys = keys[: max(0, reach - held)]  # this rank's share (none if its tree reaches)
+        total = held + len(keys)  # the prompt's whole pages: the same on every rank
+        done = 0  # agreement rounds made
+        try:
+            found = await self.storage.batch_exists(keys) if keys else 0
+            agreed = await self._agreed(tag | _REACH, [held + found, held])
+            done = 1
+            if not self._goes_on(agreed, total):  # unpaired, or under the threshold
+                self.counters.prefetch_skipped += 1
+                return PrefetchResult(PrefetchOutcome.SKIPPED)
+            assert agreed is not None
+            self.counters.prefetch_issued += 1
+            reach, least = agreed
+            if reach <= least:  # no rank can extend the prefix every rank holds
+                return PrefetchResult(PrefetchOutcome.MISS)
+            share = keys[: max(0, reach - held)]  # none when this rank's tree reaches
+            return await self._bring(key, matched, parent_hash, share, deadline_s, control, tag)
+        except AgreementError:
+            raise  # the group is broken: no more rounds
+        except BaseException:
+            if self._agree is not None and done == 0:
+                await self._finish_rounds(tag, held, total, done)
+            raise
+
+    async def _bring(
+        self,
+        key: RadixKey,
+        matched: int,
+        parent_hash: str | None,
+        keys: list[str],
+        deadline_s: float | None,
+        control: PrefetchControl | None,
+        tag: int,
+    ) -> PrefetchResult:
+        """Fetch this rank's share of the agreed reach (``keys``, empty when its own tree
+        reaches that far), agree how far every rank got, keep that much."""
+        held = matched // self.tree.page_size
         found = len(keys)
         slots = None
         if keys and self.inflight_pages + found <= self.capacity_pages:
@@ -182,22 +225,30 @@ class Prefetcher:
         if refused:  # still agrees below, reporting nothing arrived
             self.counters.prefetch_refused += 1
         arrived, timed_out = 0, False
-        self.inflight_pages += found if slots is not None else 0
-        try:
-            if slots is not None:
+        if slots is not None:
+            self.inflight_pages += found
+            try:
                 arrived, timed_out = await self._move(keys, slots, deadline_s, control)
+            except BaseException:
+                self.inflight_pages -= found
+                self.host.free(slots)
+                if self._agree is not None:
+                    await self._finish_rounds(tag, held, held + found, 1)
+                raise
+            self.inflight_pages -= found
+        try:
             agreed = await self._agreed(tag | _ARRIVED, [held + arrived])
         except BaseException:
             if slots is not None:
-                self.inflight_pages -= found
                 self.host.free(slots)
             raise
         arrived = min(arrived, max(0, agreed[0] - held)) if agreed is not None else 0
         if slots is not None:
-            self.inflight_pages -= found
             self._commit(key, matched, parent_hash, keys, slots, arrived)
         if refused:
             return PrefetchResult(PrefetchOutcome.REFUSED, found)
+        if not found:  # this rank's tree reached as far as every rank can
+            return PrefetchResult(PrefetchOutcome.SKIPPED)
         if timed_out:
             self.counters.prefetch_timed_out += 1
             outcome = PrefetchOutcome.TIMED_OUT

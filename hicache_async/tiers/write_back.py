@@ -8,9 +8,11 @@ dropped and counted rather than waiting (the caller is a commit, which never blo
 The writer task batches queued jobs into ``batch_set_v1`` calls, each under a deadline. It does
 not unlock: it hands each job with the backend's answer to the bounded release stream. The
 release task takes them in order, agrees with the other tensor-parallel ranks on how many pages
-every rank stored (MIN, when a consensus is configured; a job that another rank released in
-another order counts as not stored), emits ``BlockStored`` for those pages, and only then
-releases the host lock.
+every rank stored (MIN, when ``agree`` is given; a job that another rank released in another
+order counts as not stored), emits ``BlockStored`` for those pages, and only then releases the
+host lock. ``HiCache`` passes no ``agree``: its ranks' jobs follow their own trees, so one
+round per job would not pair up across ranks; a caller whose ranks submit identical jobs in
+the same order can pass one.
 """
 
 from __future__ import annotations

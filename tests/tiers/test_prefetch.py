@@ -10,7 +10,7 @@ import torch
 from hicache_async.events import BlockStored, StorageMedium
 from hicache_async.radix import NodeState, RadixKey
 from hicache_async.storage import HiCacheStorage
-from hicache_async.testing.faults import CorruptingStorage, SlowStorage
+from hicache_async.testing.faults import CorruptingStorage, ForwardingStorage, SlowStorage
 from hicache_async.tiers.prefetch import PrefetchControl, Prefetcher, PrefetchOutcome
 
 from .conftest import LAYOUT, Rig
@@ -167,7 +167,7 @@ def other_rank(reach: int, held: int, arrived: int) -> Any:
 
     async def agree(tag: int, values: Sequence[int]) -> list[int] | None:
         rounds.append(tag & 3)
-        theirs = [1, reach, held] if tag & 3 == 1 else [arrived]
+        theirs = [reach, held] if tag & 3 == 1 else [arrived]
         return [min(a, b) for a, b in zip(values, theirs, strict=True)]
 
     agree.rounds = rounds  # type: ignore[attr-defined]
@@ -221,18 +221,53 @@ async def test_an_unpaired_round_fetches_nothing(rig: Rig) -> None:
     assert rig.pool.allocator.available == 32
 
 
-async def test_a_rank_under_the_threshold_skips_for_every_rank(rig: Rig) -> None:
-    """One rank's tree holds most of the prompt, so its suffix is under the threshold; the
-    reach round still happens on it, and every rank skips."""
+async def test_a_rank_whose_tree_holds_all_does_not_stop_the_others(rig: Rig) -> None:
+    """The other rank's tree holds the whole prompt (its own suffix is under the threshold);
+    the threshold applies to what the rank holding the least needs, so this rank fetches."""
     await store_pages(rig, TOKENS, 10)
     key = RadixKey(TOKENS)
-    rounds: list[list[int]] = []
+    agree = other_rank(reach=10, held=10, arrived=10)
+    result = await make(rig, agree=agree).fetch(key, rig.tree.match_prefix(key), tag=8)
+    assert (result.outcome, result.found_pages, result.arrived_pages) == (
+        PrefetchOutcome.COMPLETED,
+        10,
+        10,
+    )
 
-    async def under_threshold(tag: int, values: Sequence[int]) -> list[int] | None:
-        rounds.append(list(values))
-        return [0, *values[1:]] if tag & 3 == 1 else list(values)
 
-    result = await make(rig, agree=under_threshold).fetch(key, rig.tree.match_prefix(key))
-    assert result.outcome is PrefetchOutcome.SKIPPED
-    assert rounds == [[1, 10, 0]]  # this rank wanted all 10 pages; one round, no arrival round
+class _Stuck(ForwardingStorage):
+    """Reads (or, with ``exists``, existence checks) that never finish: the request is
+    cancelled there, whatever the machine's speed."""
+
+    def __init__(self, inner: HiCacheStorage, *, exists: bool) -> None:
+        super().__init__(inner)
+        self.exists = exists
+
+    async def _read_pages(self, keys: list[str], buffers: list[Any]) -> list[bool]:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def _leading(self, keys: list[str]) -> int:
+        if self.exists:
+            await anyio.sleep_forever()
+        return await super()._leading(keys)
+
+
+@pytest.mark.parametrize(("stuck_in", "rounds"), [("exists", [1]), ("reads", [1, 2])])
+async def test_a_cancelled_prefetch_still_makes_its_rounds(
+    rig: Rig, stuck_in: str, rounds: list[int]
+) -> None:
+    """Cancelled in L3's existence check, a rank still makes the reach round, reporting
+    nothing beyond its tree (so no rank goes on: a miss everywhere); cancelled while its
+    pages are on their way, it still makes the arrival round, reporting none arrived. Either
+    way it frees what it reserved."""
+    await store_pages(rig, TOKENS, 10)
+    key = RadixKey(TOKENS)
+    agree = other_rank(reach=10, held=0, arrived=10)
+    storage = _Stuck(rig.storage, exists=stuck_in == "exists")
+    storage.register_mem_pool_host(rig.pool)
+    with anyio.move_on_after(0.1):
+        await make(rig, storage, agree=agree).fetch(key, rig.tree.match_prefix(key), tag=8)
+    assert agree.rounds == rounds
+    assert rig.tree.match_prefix(key).host_hit_length == 0
     assert rig.pool.allocator.available == 32

@@ -153,7 +153,8 @@ def test_ranks_that_reach_a_round_from_different_requests_all_miss(tmp_path: Pat
         assert r["stats"] == (4, 2)  # one round per load
 
 
-async def _prefetch_from_different_trees_main(rank: int) -> dict[str, Any]:
+async def _prefetch_from_different_trees_main(rank: int, part: int = 2) -> dict[str, Any]:
+    """Rank 0's L1 holds ``1/part`` of PROMPT, rank 1's nothing; both L3s hold all of it."""
     from hicache_async import HiCache
 
     config = _tp_config(
@@ -164,7 +165,7 @@ async def _prefetch_from_different_trees_main(rank: int) -> dict[str, Any]:
     async with HiCache.open(config, process_group=dist.group.WORLD, model_name="m") as cache:
         await _put_in_l3(cache, PROMPT)
         if rank == 0:
-            _cache_only_here(cache, PROMPT[: PROMPT.numel() // 2])
+            _cache_only_here(cache, PROMPT[: PROMPT.numel() // part])
         hit = await _hit(cache, PROMPT, prefetch=True)
         assert cache.consensus is not None
         return {"hit": hit, "unpaired": cache.consensus.unpaired}
@@ -177,3 +178,48 @@ def test_a_prefetch_reaches_as_far_on_every_rank_when_their_trees_differ(tmp_pat
     # from where its own tree ended, and both use the whole prompt.
     assert results[0]["hit"] == results[1]["hit"] == PROMPT.numel()
     assert results[0]["unpaired"] == results[1]["unpaired"] == 0
+
+
+async def _one_tree_holds_all_main(rank: int) -> dict[str, Any]:
+    return await _prefetch_from_different_trees_main(rank, part=1)
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_whose_tree_holds_the_prompt_does_not_stop_the_prefetch(tmp_path: Path) -> None:
+    results = run_ranks(_one_tree_holds_all_main, WORLD, tmp_path)
+    # Rank 0's own suffix is empty (under the threshold), rank 1 needs all 24 pages: the
+    # threshold applies to the rank holding the least, so rank 1 fetched and both hit in full.
+    assert results[0]["hit"] == results[1]["hit"] == PROMPT.numel()
+
+
+async def _cancelled_everywhere_main(rank: int) -> dict[str, Any]:
+    import anyio
+
+    from hicache_async import HiCache
+    from hicache_async.storage import HiCacheStorageConfig, create_storage
+    from hicache_async.testing.faults import SlowStorage
+
+    store = create_storage("memory", HiCacheStorageConfig(), store=f"tp-cancel-rank{rank}")
+    # Rank 0's L3 is slow: when the request is cancelled on both ranks at once, rank 0 is
+    # still fetching while rank 1 already waits in the arrival round.
+    storage = SlowStorage(store, delay=0.0, per_page=0.05 if rank == 0 else 0.0)
+    config = _tp_config(rank, storage_backend="memory")
+    async with HiCache.open(config, process_group=dist.group.WORLD, storage=storage) as cache:
+        await _put_in_l3(cache, PROMPT)
+        storage.per_page = 0.05 if rank == 0 else 0.0
+        _cache_only_here(cache, OTHER)
+        with anyio.move_on_after(0.3):
+            await _hit(cache, PROMPT, prefetch=True)
+        after = [await _hit(cache, OTHER) for _ in range(3)]
+        stats = cache.stats()
+        return {"after": after, "unpaired": stats.tp_unpaired_rounds}
+
+
+@pytest.mark.timeout(180)
+def test_a_request_cancelled_on_every_rank_leaves_the_rounds_in_step(tmp_path: Path) -> None:
+    results = run_ranks(_cancelled_everywhere_main, WORLD, tmp_path)
+    # The cancelled request made all its rounds on both ranks (with nothing, where cut), so
+    # the next requests' rounds pair up and both ranks hit in full.
+    for r in results.values():
+        assert r["after"] == [OTHER.numel()] * 3
+        assert r["unpaired"] == 0
