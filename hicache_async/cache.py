@@ -59,7 +59,7 @@ from hicache_async.tiers._l1 import build_l1
 from hicache_async.tiers._pending import Pending
 from hicache_async.tiers._span import span_chain
 from hicache_async.tiers.backup import Backup, BackupJob
-from hicache_async.tiers.consensus import RankConsensus
+from hicache_async.tiers.consensus import RankConsensus, wait_in_thread
 from hicache_async.tiers.device import DeviceTier
 from hicache_async.tiers.host import HostTier
 from hicache_async.tiers.load import Load
@@ -129,10 +129,11 @@ class HiCache:
         # not agreed: a rank's write-back jobs follow its own tree, whose nodes split and
         # back up differently from the other ranks', so per-job rounds would not pair up
         # (a rank with one job more waits for ever); what a prefetch uses is agreed anyway.
-        # Work handles are awaited through the cache's one poller.
+        # The counts are CPU tensors (a gloo group, as SGLang's TP CPU group), so a worker
+        # thread blocked in work.wait() awaits each round: ~3x sooner than the poller.
         self.consensus: RankConsensus | None = None
         if process_group is not None:
-            self.consensus = RankConsensus(process_group, waiter=self.l1.poller.wait)
+            self.consensus = RankConsensus(process_group, waiter=wait_in_thread)
         agree = self.consensus.agree_round if self.consensus is not None else None
         self.storage = storage
         if self.storage is None and config.storage_enabled:
