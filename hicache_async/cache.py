@@ -451,12 +451,9 @@ class HiCache:
             if pinned and pinned + pages > self.backup_pin_limit:
                 self._backup_totals.skipped += 1  # copies are behind: retried as they land
                 return False
-            skipped = self.backup.skipped
             job = self.backup.reserve(node)  # pinned now, copied by the backup worker
-            if job is None:
-                if self.backup.skipped > skipped:  # no room on L2
-                    return False
-                continue
+            if job is None:  # no room on L2 (``todo`` holds DEVICE nodes only)
+                return False
             try:
                 self._backups[0].send_nowait(job)
             except anyio.WouldBlock:
