@@ -89,6 +89,7 @@ class Session:
         "_ordinal",
         "_prefetch",
         "_storage_tokens",
+        "_tag",
         "key",
         "priority",
         "state",
@@ -112,6 +113,7 @@ class Session:
         self._hit: Hit | None = None
         self._hit_pages: torch.Tensor | None = None  # the hit's page table, when L1 held it all
         self._load_round = False  # tensor parallelism: this session's load round was made
+        self._tag: int | None = None  # its rounds' tag, once asked for
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -261,20 +263,12 @@ class Session:
         try:
             match, indices, device_tokens, loaded_tokens = await self._load_here(match)
         except BaseException:
-            if cache.consensus is not None and not self._load_round:
-                # The other ranks still make this session's round: make it, using nothing.
-                self._load_round = True
-                with anyio.CancelScope(shield=True):
-                    await cache.consensus.agree_round(self._round_tag() | _LOAD_ROUND, [0])
+            if cache.consensus is not None:  # the other ranks still make this session's round
+                await self._agreed_hit(0)
             raise
         length = device_tokens + loaded_tokens
-        consensus = cache.consensus
-        if consensus is not None:  # every rank uses the shortest hit any rank has
-            cap = 0  # a second load() after a failed one: its round was made
-            if not self._load_round:
-                self._load_round = True
-                agreed = await consensus.agree_round(self._round_tag() | _LOAD_ROUND, [length])
-                cap = agreed[0] if agreed is not None else 0
+        if cache.consensus is not None:  # every rank uses the shortest hit any rank has
+            cap = await self._agreed_hit(length)
             limit = cap if limit is None else min(limit, cap)
         if limit is not None and limit < length:
             length = max(0, limit) // cache.page_size * cache.page_size
@@ -433,14 +427,29 @@ class Session:
             self._storage_tokens += result.arrived_pages * self._cache.page_size
             self._rematch()  # the arrived pages are host nodes below the match now
 
+    async def _agreed_hit(self, length: int) -> int:
+        """Tensor parallelism: the hit every rank uses, the shortest any rank has, from this
+        session's one load round (the round is shielded in the consensus; a second
+        ``load()`` after a failed one makes none and gets no hit)."""
+        consensus = self._cache.consensus
+        assert consensus is not None
+        if self._load_round:
+            return 0
+        self._load_round = True
+        agreed = await consensus.agree_round(self._round_tag() | _LOAD_ROUND, [length])
+        return agreed[0] if agreed is not None else 0
+
     def _round_tag(self) -> int:
-        """This session's tag in tensor-parallel agreement rounds (0 without them)."""
+        """This session's tag in tensor-parallel agreement rounds (0 without them); the CRC
+        of the key is taken once, on the first round."""
         if self._cache.consensus is None:
             return 0
-        fingerprint = zlib.crc32(self.key.data)
-        if self.key.extra_key is not None:
-            fingerprint ^= zlib.crc32(self.key.extra_key.encode())
-        return round_tag(fingerprint, self._ordinal, 0)
+        if self._tag is None:
+            fingerprint = zlib.crc32(self.key.data)
+            if self.key.extra_key is not None:
+                fingerprint ^= zlib.crc32(self.key.extra_key.encode())
+            self._tag = round_tag(fingerprint, self._ordinal, 0)
+        return self._tag
 
     def _matched_tokens(self) -> int:
         return self.match.device_hit_length + self.match.host_hit_length

@@ -106,23 +106,29 @@ class Prefetcher:
         when the ranks were at different rounds."""
         return list(values) if self._agree is None else await self._agree(tag, values)
 
-    def _goes_on(self, agreed: list[int] | None, total: int) -> bool:
-        """Whether the rounds after the reach round happen (the same answer on every rank:
-        it reads only agreed values). Under tensor parallelism the threshold applies here,
-        to the rank whose tree holds the least, not to each rank's own suffix."""
+    def _after_reach(self, agreed: list[int] | None, total: int) -> PrefetchOutcome | None:
+        """What the reach round decided, the same on every rank (it reads only agreed values):
+        ``SKIPPED`` (unpaired, or under the threshold, which under tensor parallelism applies
+        to the rank whose tree holds the least), ``MISS`` (no rank can extend the prefix
+        every rank holds), or None: on to the arrival round."""
         if agreed is None:
-            return False
-        least = agreed[1]
-        return (total - least) * self.tree.page_size >= max(self.threshold_tokens, 1)
+            return PrefetchOutcome.SKIPPED
+        reach, least = agreed
+        if (total - least) * self.tree.page_size < max(self.threshold_tokens, 1):
+            return PrefetchOutcome.SKIPPED
+        return PrefetchOutcome.MISS if reach <= least else None
 
-    async def _finish_rounds(self, tag: int, held: int, total: int, done: int) -> None:
-        """After an error or a cancellation on this rank, make the rounds the other ranks
-        still make, reporting nothing of ours (shielded: the rounds go out regardless)."""
+    async def _reach_nothing(self, tag: int, held: int, total: int) -> None:
+        """Cut before the reach round (an error or a cancellation on this rank): make the
+        rounds the other ranks still make, reporting nothing beyond this rank's tree."""
         with anyio.CancelScope(shield=True):
-            if done == 0:
-                agreed = await self._agreed(tag | _REACH, [held, held])
-                if not self._goes_on(agreed, total) or agreed is None or agreed[0] <= agreed[1]:
-                    return
+            agreed = await self._agreed(tag | _REACH, [held, held])
+            if self._after_reach(agreed, total) is None:
+                await self._agreed(tag | _ARRIVED, [held])
+
+    async def _arrive_nothing(self, tag: int, held: int) -> None:
+        """Cut between the two rounds: make the arrival round, reporting nothing arrived."""
+        with anyio.CancelScope(shield=True):
             await self._agreed(tag | _ARRIVED, [held])
 
     def suffix_keys(self, key: RadixKey, match: MatchResult) -> tuple[int, str | None, list[str]]:
@@ -156,7 +162,7 @@ class Prefetcher:
         """
         matched, parent_hash, keys = self.suffix_keys(key, match)
         short = len(keys) * self.tree.page_size < max(self.threshold_tokens, 1)
-        if short and self._agree is None:  # with ranks, the threshold is agreed (_goes_on)
+        if short and self._agree is None:  # with ranks, the threshold is agreed (_after_reach)
             self.counters.prefetch_skipped += 1
             return PrefetchResult(PrefetchOutcome.SKIPPED)
         # The new pages hang below the matched path: keep it in the tree until they do.
@@ -182,26 +188,26 @@ class Prefetcher:
     ) -> PrefetchResult:
         held = matched // self.tree.page_size  # pages this rank's tree holds already
         total = held + len(keys)  # the prompt's whole pages: the same on every rank
-        done = 0  # agreement rounds made
+        reached = False  # the reach round was made
         try:
             found = await self.storage.batch_exists(keys) if keys else 0
             agreed = await self._agreed(tag | _REACH, [held + found, held])
-            done = 1
-            if not self._goes_on(agreed, total):  # unpaired, or under the threshold
+            reached = True
+            outcome = self._after_reach(agreed, total)
+            if outcome is PrefetchOutcome.SKIPPED:
                 self.counters.prefetch_skipped += 1
-                return PrefetchResult(PrefetchOutcome.SKIPPED)
-            assert agreed is not None
+                return PrefetchResult(outcome)
             self.counters.prefetch_issued += 1
-            reach, least = agreed
-            if reach <= least:  # no rank can extend the prefix every rank holds
-                return PrefetchResult(PrefetchOutcome.MISS)
-            share = keys[: max(0, reach - held)]  # none when this rank's tree reaches
+            if outcome is PrefetchOutcome.MISS:
+                return PrefetchResult(outcome)
+            assert agreed is not None
+            share = keys[: max(0, agreed[0] - held)]  # none when this rank's tree reaches
             return await self._bring(key, matched, parent_hash, share, deadline_s, control, tag)
         except AgreementError:
             raise  # the group is broken: no more rounds
         except BaseException:
-            if self._agree is not None and done == 0:
-                await self._finish_rounds(tag, held, total, done)
+            if self._agree is not None and not reached:  # (_bring makes its own round)
+                await self._reach_nothing(tag, held, total)
             raise
 
     async def _bring(
@@ -233,7 +239,7 @@ class Prefetcher:
                 self.inflight_pages -= found
                 self.host.free(slots)
                 if self._agree is not None:
-                    await self._finish_rounds(tag, held, held + found, 1)
+                    await self._arrive_nothing(tag, held)
                 raise
             self.inflight_pages -= found
         try:
