@@ -16,7 +16,12 @@ WORLD = 2
 
 
 async def _rank_main(rank: int) -> dict[str, Any]:
+    import torch.distributed as dist
+
     consensus = RankConsensus()
+    # Start together: spawned ranks come up up to ~0.5 s apart on a busy machine, which would
+    # eat the 0.5 s rank 0 is meant to wait below (a blocking barrier, before the timed part).
+    dist.barrier()
     ticks = 0
 
     async def ticker() -> None:
