@@ -206,11 +206,22 @@ async def test_cancel_midway_stops_between_pages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every page write takes 20 ms: a batch of 40 pages on 2 threads takes ~0.4 s uncancelled.
+    # Counted, not timed (a stalled VM must not fail it): when the cancellation reaches the
+    # caller every started write has returned, and no write starts afterwards.
     real = pageio._pwritev
+    entered = exited = 0
+    loop = asyncio.get_running_loop()
+    writing = asyncio.Event()
 
     def slow(fd: int, buffers: list[memoryview], offset: int) -> int:
-        time.sleep(0.02)
-        return real(fd, buffers, offset)
+        nonlocal entered, exited
+        entered += 1
+        loop.call_soon_threadsafe(writing.set)
+        try:
+            time.sleep(0.02)
+            return real(fd, buffers, offset)
+        finally:
+            exited += 1
 
     monkeypatch.setattr(pageio, "_pwritev", slow)
     n = 40
@@ -218,16 +229,17 @@ async def test_cancel_midway_stops_between_pages(
         pool = filled_pool(MHA, pages=n)
         storage.register_mem_pool_host(pool)
         keys = [f"k{i}" for i in range(n)]
-        start = time.monotonic()
         task = asyncio.ensure_future(storage.batch_set_v1(keys, slots(pool, list(range(n)))))
-        await asyncio.sleep(0.05)
+        await writing.wait()  # cancel once writing is under way
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        elapsed = time.monotonic() - start
-        assert elapsed < 0.2  # running pages finished, the rest never started
+        assert entered == exited  # running pages finished before the caller heard of it
+        started = entered
+        await asyncio.sleep(0.1)  # five page-times: a leftover worker would start one
+        assert entered == started < n  # the rest never started
         stored = [await storage.exists(k) for k in keys]
-        assert 0 < sum(stored) < n
+        assert 0 < sum(stored) <= started  # a page is stored only by a write that ran
         assert not list(tmp_path.rglob("*.tmp"))
         monkeypatch.setattr(pageio, "_pwritev", real)
         dst = filled_pool(MHA, pages=n, seed=9)
