@@ -155,10 +155,9 @@ async def test_best_effort_returns_at_once_and_load_takes_what_arrived(l3_dir: P
         assert cache.prefetcher is not None
         cache.prefetcher.batch_pages = 4
         async with cache.session(PROMPT) as s:
-            start = anyio.current_time()
             result = await s.prefetch()
             assert result.outcome is PrefetchOutcome.STARTED
-            assert anyio.current_time() - start < 0.02
+            assert slow.stats.get_hits == 0  # it returned before any page arrived
             await anyio.sleep(0.09)  # the request does other work meanwhile
             hit = await s.load()
             assert_kv(cache, PROMPT[: hit.length], hit.device_indices)
