@@ -99,19 +99,42 @@ def test_nodes_own_their_ids_when_the_key_is_a_view() -> None:
     assert tree.match_prefix(RadixKey(ids)).device_hit_length == 2
 
 
-def test_split_parts_do_not_share_memory() -> None:
+def test_split_keeps_a_view_only_for_the_larger_part() -> None:
     tree = _tree(2)
     tree.insert(RadixKey(list(range(12))), _slots(0, 12))
+    (node,) = _nodes(tree)
+    whole = node.tokens
     tree.match_prefix(RadixKey([0, 1, 2, 3, 9, 9]))  # splits after 4 tokens
     upper, lower = sorted(_nodes(tree), key=lambda n: n.num_tokens)
     assert (upper.num_tokens, lower.num_tokens) == (4, 8)
-    assert upper.tokens.base is None
-    assert lower.tokens.base is None
+    assert upper.tokens.base is None  # the smaller part: a copy, so it never pins ``whole``
+    assert lower.tokens.base is whole  # the larger part: a view, no copy
     assert not upper.tokens.flags.writeable
     assert not lower.tokens.flags.writeable
     assert not np.shares_memory(upper.tokens, lower.tokens)
     assert lower.edge == _le64([4, 5])
     assert upper.children[lower.edge] is lower
+    tree.check()
+    # The view is split again where it is less than half of ``whole``: both parts are copies.
+    tree.match_prefix(RadixKey([0, 1, 2, 3, 4, 5, 6, 7, 9, 9]))
+    parts = sorted(_nodes(tree), key=lambda n: n.tokens[0])
+    assert [p.num_tokens for p in parts] == [4, 4, 4]
+    assert all(p.tokens.base is None for p in parts)
+    assert [int(t) for p in parts for t in p.tokens] == list(range(12))
+    tree.check()
+
+
+def test_a_split_by_eviction_copies_only_the_part_that_stays() -> None:
+    tree = _tree(2)
+    tree.insert(RadixKey(list(range(12))), _slots(0, 12))
+    (node,) = _nodes(tree)
+    whole = node.tokens
+    evicted = tree.evict(4)  # 8 tokens: the tail goes, the first 4 stay
+    assert evicted.removed == [node]
+    assert node.tokens.base is whole
+    (kept,) = _nodes(tree)
+    assert kept.tokens.base is None
+    assert [int(t) for t in kept.tokens] == [0, 1, 2, 3]
     tree.check()
 
 

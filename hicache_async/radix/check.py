@@ -35,6 +35,11 @@ def _check_node(tree: RadixTree, x: TreeNode, pb: int) -> None:
         _fail(f"{x!r} tokens have dtype {tokens.dtype} and shape {tokens.shape}")
     if tokens.dtype == np.int32 and tokens.size and int(tokens.min()) < 0:
         _fail(f"{x!r} keeps negative token ids as int32")
+    if tokens.flags.writeable:
+        _fail(f"{x!r} tokens are writeable")
+    owner = tokens.base
+    if owner is not None and 2 * tokens.nbytes < owner.nbytes:
+        _fail(f"{x!r} keeps {owner.nbytes} bytes alive for {tokens.nbytes} bytes of ids")
     if not n or n % tree.page_size:
         _fail(f"{x!r} has {n} tokens, not whole pages of {tree.page_size}")
     if x.edge != x.key[:pb]:

@@ -71,7 +71,7 @@ class RadixTree(RadixTreeBase):
                 continue
             n = node.num_tokens
             if n > need - done:
-                self._split(node, n - (need - done))  # ``node`` keeps the tail
+                self._split(node, n - (need - done), lower_leaves=drop)  # ``node``: the tail
                 n = need - done
             if drop:
                 self._remove_subtree(node, dev, host, result)
@@ -107,7 +107,7 @@ class RadixTree(RadixTreeBase):
                 break
             n = node.num_tokens
             if n > need - done:
-                self._split(node, n - (need - done))
+                self._split(node, n - (need - done), lower_leaves=True)
                 n = need - done
             self._remove_subtree(node, dev, host, result)
             done += n

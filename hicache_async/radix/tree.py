@@ -54,6 +54,19 @@ def _frozen(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return a
 
 
+def _part(tokens: np.ndarray[Any, Any], start: int, stop: int) -> np.ndarray[Any, Any]:
+    """``tokens[start:stop]`` for one part of a split node: a view when the part covers at
+    least half of the memory ``tokens`` lives in, else a copy. A view keeps that memory alive
+    for as long as the part lives, so this bounds what a part can hold beyond its own ids to
+    as much again, while the copy made is never the larger part (splits copied both parts,
+    ~14% of a request's time at page 1 on the conversation trace)."""
+    part = tokens[start:stop]
+    owner = tokens if tokens.base is None else tokens.base
+    if 2 * part.nbytes >= owner.nbytes:
+        return part  # read-only, as a view of a read-only array
+    return _frozen(part.copy())
+
+
 def pages_of(slots: torch.Tensor, page_size: int) -> tuple[torch.Tensor, bool]:
     """The pages of token ``slots`` on any device (torch ops), and whether the slots are whole,
     in-order pages."""
@@ -219,20 +232,19 @@ class RadixTreeBase:
         first = lo + int(np.not_equal(wide[lo:hi], b).argmax())
         return first - first % self.page_size
 
-    def _split(self, node: TreeNode, n_tokens: int) -> TreeNode:
+    def _split(self, node: TreeNode, n_tokens: int, lower_leaves: bool = False) -> TreeNode:
         """Cut ``node`` after ``n_tokens`` (page-aligned, inside it); return the new upper part.
 
         The lower part stays the same object, so references to it (locks held by requests,
-        heap entries, children's parent pointers) stay valid.
+        heap entries, children's parent pointers) stay valid. ``lower_leaves``: the caller
+        takes the lower part out of the tree at once (eviction), so it keeps a view.
         """
         parent = node.parent
         assert parent is not None
         tokens = node.tokens
         assert 0 < n_tokens < len(tokens)
-        # Both parts are copies: a view would keep the whole old span alive after either
-        # part leaves the tree.
         upper = self._new_node(
-            _frozen(tokens[:n_tokens].copy()), node.edge, parent, node.state, node.priority
+            _part(tokens, 0, n_tokens), node.edge, parent, node.state, node.priority
         )
         upper.created = node.created
         upper.last_access = node.last_access
@@ -250,7 +262,8 @@ class RadixTreeBase:
         if node.hashes is not None:
             upper.hashes, node.hashes = node.hashes[:p], node.hashes[p:]
         parent.children[upper.edge] = upper
-        node.tokens = lower = _frozen(tokens[n_tokens:].copy())
+        lower = tokens[n_tokens:] if lower_leaves else _part(tokens, n_tokens, len(tokens))
+        node.tokens = lower
         node.edge = lower[: self.page_size].astype(_I64).tobytes()
         node.parent = upper
         upper.children[node.edge] = node
