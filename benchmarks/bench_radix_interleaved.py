@@ -9,6 +9,13 @@ implementation's page sizes (its standalone figures, without the other's cache p
 ``hicache_async_slots`` is our adapter with per-token hit slots built on every match,
 ``hicache_async_pages`` inserts through ``insert_pages`` as the session commits (see
 ``peers_adapter.py``).
+
+``--capacity-tokens N`` bounds every tree as a server's KV pool does: after each insert it
+evicts (LRU) down to N tokens, timed as ``evict``, and ``request`` is match + insert + evict.
+SGLang's ``evict`` heapifies all its evictable leaves on every call and takes whole leaves (so
+it may take more than asked and then skip a few calls); ours pops a heap of leaves and takes
+exactly the pages asked for, splitting the last leaf. Without it the trees grow unbounded (the
+peers harness's replay), so every stored byte is fresh memory.
 Run it with the peers venv:
 
     PYTHONPATH=. $PEERS_VENV/bin/python benchmarks/bench_radix_interleaved.py \
@@ -24,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -35,6 +43,7 @@ def main() -> None:
     ap.add_argument("--impls", default="sglang,hicache_async", help="one or both")
     ap.add_argument("--block-tokens", type=int, default=512)
     ap.add_argument("--max-requests", type=int, default=0)
+    ap.add_argument("--capacity-tokens", type=int, default=0, help="0: unbounded")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     sys.path.insert(0, a.peers_dir)
@@ -60,7 +69,9 @@ def main() -> None:
     load0 = os.getloadavg()
     combos = [(i, int(p)) for i in a.impls.split(",") for p in a.page_sizes.split(",")]
     caches = [makers[i](p) for i, p in combos]
-    t: list[dict[str, list[float]]] = [{"match": [], "insert": []} for _ in combos]
+    cap = a.capacity_tokens
+    evictors = [_evictor(c, cap) for c in caches] if cap else [_no_evict] * len(combos)
+    t: list[dict[str, list[float]]] = [{"match": [], "insert": [], "evict": []} for _ in combos]
     hits = [0] * len(combos)
     pc = time.perf_counter
     for n, (prompt, full) in enumerate(reqs):
@@ -72,32 +83,41 @@ def main() -> None:
             t1 = pc()
             c.insert(full, values[: len(full)])
             t2 = pc()
+            evictors[k]()
+            t3 = pc()
             t[k]["match"].append(t1 - t0)
             t[k]["insert"].append(t2 - t1)
+            t[k]["evict"].append(t3 - t2)
     rows: list[dict[str, Any]] = []
     for k, (name, ps) in enumerate(combos):
-        m, ins = t[k]["match"], t[k]["insert"]
+        m, ins, ev = t[k]["match"], t[k]["insert"], t[k]["evict"]
         rows.append(
             {
                 "impl": name,
                 "page": ps,
                 "requests": len(reqs),
+                "capacity_tokens": cap,
                 "match_us_mean": sum(m) / len(m) * 1e6,
                 "match_us_median": statistics.median(m) * 1e6,
                 "insert_us_mean": sum(ins) / len(ins) * 1e6,
                 "insert_us_median": statistics.median(ins) * 1e6,
                 "match_ops_s": len(m) / sum(m),
                 "insert_ops_s": len(ins) / sum(ins),
+                "evict_us_mean": sum(ev) / len(ev) * 1e6,
+                "evict_us_median": statistics.median(ev) * 1e6,
+                "request_us_mean": (sum(m) + sum(ins) + sum(ev)) / len(m) * 1e6,
                 "hit_tokens": hits[k],
+                "hit_ratio_tokens": hits[k] / sum(len(p) for p, _ in reqs),
             }
         )
     for r in rows:  # same-run ratios against sglang at the same page size, when it ran
         sg = [x for x in rows if x["impl"] == "sglang" and x["page"] == r["page"]]
         if sg and r["impl"] != "sglang":
-            assert r["hit_tokens"] == sg[0]["hit_tokens"], (r, sg[0])
+            if not cap:  # bounded trees evict differently (see above): their hits may differ
+                assert r["hit_tokens"] == sg[0]["hit_tokens"], (r, sg[0])
             for key in ("match_ops_s", "insert_ops_s"):
                 r[f"{key}_x_sglang"] = r[key] / sg[0][key]
-            for key in ("match_us_median", "insert_us_median"):
+            for key in ("match_us_median", "insert_us_median", "request_us_mean"):
                 r[f"{key}_x_sglang"] = sg[0][key] / r[key]
     cols = [
         "impl",
@@ -112,11 +132,14 @@ def main() -> None:
         "insert_ops_s_x_sglang",
         "match_us_median_x_sglang",
         "insert_us_median_x_sglang",
+        "request_us_mean_x_sglang",
     ]
+    if cap:
+        cols[8:8] = ["evict_us_mean", "evict_us_median", "hit_ratio_tokens"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        cells = [f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        cells = [_cell(r.get(c)) for c in cols]
         print("| " + " | ".join(cells) + " |")
     if a.json:
         commit = subprocess.run(
@@ -131,6 +154,57 @@ def main() -> None:
         }
         with open(a.json, "w") as f:
             json.dump({"argv": sys.argv, "meta": meta, "rows": rows}, f, indent=1)
+
+
+def _cell(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if v < 1 else f"{v:.1f}"
+    return "" if v is None else str(v)
+
+
+def _no_evict() -> None:
+    pass
+
+
+def _evictor(cache: Any, cap: int) -> Callable[[], None]:
+    """A call that evicts ``cache`` down to ``cap`` tokens (LRU), SGLang's or ours."""
+    tree = getattr(cache, "tree", None)
+    if tree is not None:  # ours (benchmarks.peers_adapter)
+
+        def ours() -> None:
+            over = tree.evictable_size() - cap
+            if over > 0:
+                tree.evict(-(-over // tree.page_size))
+
+        return ours
+    rc = cache.cache  # the harness's SGLangRadix: its RadixCache, built without an allocator
+    rc.token_to_kv_pool_allocator = _NoAllocator()
+    params = cache.sg.EvictParams if hasattr(cache.sg, "EvictParams") else _evict_params()
+
+    def sglang() -> None:
+        over = rc.evictable_size() - cap
+        if over > 0:
+            rc.evict(params(num_tokens=over))
+
+    return sglang
+
+
+def _evict_params() -> Any:
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    return EvictParams
+
+
+class _NoAllocator:
+    """SGLang's evict hands each leaf's slots to the pool allocator; here there is no pool."""
+
+    device = "cpu"
+
+    def free_segment(self, value: Any, start_pos: int = 0) -> None:
+        pass
+
+    def free(self, value: Any) -> None:
+        pass
 
 
 if __name__ == "__main__":
