@@ -179,20 +179,14 @@ def _evictor(cache: Any, cap: int) -> Callable[[], None]:
         return ours
     rc = cache.cache  # the harness's SGLangRadix: its RadixCache, built without an allocator
     rc.token_to_kv_pool_allocator = _NoAllocator()
-    params = cache.sg.EvictParams if hasattr(cache.sg, "EvictParams") else _evict_params()
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams  # the harness imported it
 
     def sglang() -> None:
         over = rc.evictable_size() - cap
         if over > 0:
-            rc.evict(params(num_tokens=over))
+            rc.evict(EvictParams(num_tokens=over))
 
     return sglang
-
-
-def _evict_params() -> Any:
-    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
-
-    return EvictParams
 
 
 class _NoAllocator:
