@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # CPU machines get the CPU build of torch first, so pip never pulls a multi-GB CUDA build.
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: run demo test lint typecheck pytest bench clean redis-server mooncake
+.PHONY: run demo test lint typecheck pytest bench clean redis-server mooncake soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ pytest: $(STAMP) redis-server mooncake
 	$(BIN)/python -m pytest -q
 
 test: lint pytest      ## what CI runs
+
+SOAK_SECONDS ?= 600
+SOAK_SEED    ?= 0
+soak: $(STAMP) redis-server  ## chaos soak: 10 minutes, every fault kind, file L3; prints the JSON
+	$(BIN)/hicache-async soak --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED) --faults all --json
 
 bench: $(STAMP)
 	@ls benchmarks/bench_*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }

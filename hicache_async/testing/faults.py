@@ -5,20 +5,35 @@ Each wrapper forwards the backend primitives (namespaced keys, page buffers) to 
 backend and shares its counters, so ``wrapper.get_stats()`` shows the faults it caused::
 
     storage = FlakyStorage(create_storage("memory", config), fail_rate=0.3, seed=1)
+
+:class:`FaultyTransferEngine` does the same for L1 <-> L2 copies: it wraps a cache's transfer
+engine and makes some copies fail or run late (``hicache_async.testing.soak`` installs it).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
+import torch
 
-from hicache_async.errors import CorruptPageError, StorageError
+from hicache_async.errors import CorruptPageError, StorageError, TransferError
 from hicache_async.memory.host_pool import HostKVPool
+from hicache_async.memory.slots import pages_to_slots
 from hicache_async.storage import HiCacheStorage, PageBuffer
+from hicache_async.transfer import LoadTicket, TransferEngine
 
-__all__ = ["CorruptingStorage", "FlakyStorage", "ForwardingStorage", "SlowStorage"]
+__all__ = [
+    "CorruptingStorage",
+    "FaultyTransferEngine",
+    "FlakyStorage",
+    "ForwardingStorage",
+    "SlowStorage",
+    "StallingStorage",
+]
 
 
 class ForwardingStorage(HiCacheStorage):
@@ -90,17 +105,22 @@ class SlowStorage(ForwardingStorage):
         super().__init__(inner)
         self.delay = delay
         self.per_page = per_page
+        self.delayed = 0  # calls made late so far
+
+    async def _sleep(self, pages: int) -> None:
+        self.delayed += 1
+        await anyio.sleep(self.delay + self.per_page * pages)
 
     async def _read_pages(self, keys: list[str], buffers: list[PageBuffer]) -> list[bool]:
-        await anyio.sleep(self.delay + self.per_page * len(keys))
+        await self._sleep(len(keys))
         return await super()._read_pages(keys, buffers)
 
     async def _write_pages(self, keys: list[str], buffers: list[PageBuffer]) -> list[bool]:
-        await anyio.sleep(self.delay + self.per_page * len(keys))
+        await self._sleep(len(keys))
         return await super()._write_pages(keys, buffers)
 
     async def _leading(self, keys: list[str]) -> int:
-        await anyio.sleep(self.delay)
+        await self._sleep(0)
         return await super()._leading(keys)
 
 
@@ -128,3 +148,139 @@ class CorruptingStorage(ForwardingStorage):
                 self.stats.record_error("corrupt", CorruptPageError("injected (CorruptingStorage)"))
                 found[i] = False
         return found
+
+
+class StallingStorage(ForwardingStorage):
+    """A call stalls with probability ``rate`` (every call while ``paused``): it hangs until
+    :meth:`release` or for ``stall_s`` seconds, then goes on, as a paused server or a read
+    stuck in the kernel would. The wait is cancellable, like a client's socket read."""
+
+    def __init__(
+        self, inner: HiCacheStorage, rate: float = 0.05, stall_s: float = 30.0, *, seed: int = 0
+    ) -> None:
+        super().__init__(inner)
+        self.rate = rate
+        self.stall_s = stall_s
+        self.paused = False
+        self.injected = 0  # calls stalled so far
+        self.stalled = 0  # calls stalled now
+        self._rng = random.Random(seed)
+        self._release: anyio.Event | None = None  # made on the loop, by the first stall
+        self._stalling: anyio.Event | None = None  # set by the next stall (wait_stalled)
+
+    async def wait_stalled(self) -> None:
+        """Return once a call is stalled (at once if one is now)."""
+        while not self.stalled:
+            self._stalling = anyio.Event()
+            await self._stalling.wait()
+
+    def release(self) -> None:
+        """Let every call stalled now go on (later calls may stall again)."""
+        if self._release is not None:
+            self._release.set()
+            self._release = None
+
+    async def _maybe_stall(self) -> None:
+        if not self.paused and self._rng.random() >= self.rate:
+            return
+        self.injected += 1
+        if self._release is None:
+            self._release = anyio.Event()
+        released = self._release
+        self.stalled += 1
+        if self._stalling is not None:
+            self._stalling.set()
+            self._stalling = None
+        try:
+            with anyio.move_on_after(self.stall_s):
+                await released.wait()
+        finally:
+            self.stalled -= 1
+
+    async def _read_pages(self, keys: list[str], buffers: list[PageBuffer]) -> list[bool]:
+        await self._maybe_stall()
+        return await super()._read_pages(keys, buffers)
+
+    async def _write_pages(self, keys: list[str], buffers: list[PageBuffer]) -> list[bool]:
+        await self._maybe_stall()
+        return await super()._write_pages(keys, buffers)
+
+    async def _leading(self, keys: list[str]) -> int:
+        await self._maybe_stall()
+        return await super()._leading(keys)
+
+
+class FaultyTransferEngine(TransferEngine):
+    """Wraps a :class:`TransferEngine`: a copy fails with probability ``fail_rate`` (a
+    :class:`TransferError`, half of them before the copy, half after it landed, as a copy
+    whose completion reports an error) and runs ``delay`` seconds late with probability
+    ``slow_rate``. The late part is a cancellable sleep before the copy starts, so the
+    engine's promise holds: when a call returns or raises, no copy still runs."""
+
+    def __init__(
+        self,
+        inner: TransferEngine,
+        *,
+        fail_rate: float = 0.05,
+        slow_rate: float = 0.1,
+        delay: float = 0.005,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(inner.device_pool, inner.host_pool)
+        self.inner = inner
+        self.stats = inner.stats  # one set of counters for the wrapper and the engine
+        self.fail_rate = fail_rate
+        self.slow_rate = slow_rate
+        self.delay = delay
+        self.failed = 0  # copies made to fail
+        self.slowed = 0  # copies made late
+        self._rng = random.Random(seed)
+
+    def statistics(self) -> dict[str, int]:
+        return self.inner.statistics()
+
+    async def _before(self) -> bool:
+        """Delay and pick the fault of one copy: raises now, or True to raise after it."""
+        if self._rng.random() < self.slow_rate:
+            self.slowed += 1
+            await anyio.sleep(self.delay)
+        if self._rng.random() >= self.fail_rate:
+            return False
+        self.failed += 1
+        if self._rng.random() < 0.5:
+            raise TransferError("injected copy failure before the copy (FaultyTransferEngine)")
+        return True
+
+    async def backup(self, device_slots: torch.Tensor, host_slots: torch.Tensor) -> None:
+        fail_after = await self._before()
+        await self.inner.backup(device_slots, host_slots)
+        if fail_after:
+            raise TransferError("injected copy failure after the copy (FaultyTransferEngine)")
+
+    async def backup_pages(self, device_pages: torch.Tensor, host_pages: torch.Tensor) -> None:
+        fail_after = await self._before()
+        await self.inner.backup_pages(device_pages, host_pages)
+        if fail_after:
+            raise TransferError("injected copy failure after the copy (FaultyTransferEngine)")
+
+    @asynccontextmanager
+    async def load_layers(
+        self, host_slots: torch.Tensor, device_slots: torch.Tensor
+    ) -> AsyncIterator[LoadTicket]:
+        fail_after = await self._before()
+        async with self.inner.load_layers(host_slots, device_slots) as ticket:
+            yield ticket
+        if fail_after:
+            raise TransferError("injected copy failure after the copy (FaultyTransferEngine)")
+
+    async def layer_ready(self, layer: int) -> None:
+        await self.inner.layer_ready(layer)
+
+    async def _backup(self, device: torch.Tensor, host: torch.Tensor) -> None:
+        await self.backup_pages(device, host)  # not reached: the public methods delegate
+
+    def _run_load(
+        self, src: torch.Tensor, dst: torch.Tensor
+    ) -> AbstractAsyncContextManager[LoadTicket]:
+        size = self.layout.page_size
+        return self.load_layers(pages_to_slots(src, size), pages_to_slots(dst, size))

@@ -1,0 +1,469 @@
+"""The chaos soak: the whole runtime driven the way a server drives it, with faults.
+
+```python
+report = soak(SoakOptions(seconds=15, seed=1), backend="trio")
+assert report["hangs"] == report["wrong_bytes"] == report["leaked_pages"] == 0
+```
+
+Many concurrent sessions (``sessions``, one request at a time each) send multi-turn
+conversations of a few tenants (``extra_key``) over a few long shared system prompts to a cache
+with a small L1 and L2 and an L3 (file, memory or redis). The run is cut into segments, one
+cache instance each over the same L3, rotating every prefetch policy and write policy; in each
+segment faults are injected at random (:data:`FAULT_KINDS`): flaky, slow, corrupting and
+stalling storage, failed and late copies, requests cancelled at random awaits, bad requests.
+
+What it checks, and reports in one JSON-ready dict:
+
+- liveness: every request ends within ``hang_after_s``; a watchdog names any that does not,
+  with its step and its coroutine's stack (``hangs``, ``hang_details``);
+- every hit is bit-exact: the KV of each token position derives from the tenant and the token
+  prefix (:mod:`hicache_async.testing._soak_kv`), so any hit is checked against a
+  recomputation (``wrong_bytes``, ``wrong_hits``);
+- the cache never dies: no exception escapes ``HiCache.open`` (``cache_deaths``);
+- bad requests are refused with a ``HiCacheError`` at their call (``bad_requests``);
+- after each segment (drained, every session closed): ``tree.check()``, no lock held, the
+  allocators hold exactly what the tree holds (``leaked_pages``, ``invariant_failures``); and
+  over the run, RSS and the thread count stay bounded (``resources``).
+
+Random choices come from ``random.Random`` seeded by ``seed`` (per worker and per segment), so
+a run is as deterministic as the loop's scheduling allows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from hicache_async.cache import HiCache
+from hicache_async.config import HiCacheConfig, HostLayout, PrefetchPolicy, WritePolicy
+from hicache_async.errors import CapacityError, HiCacheError
+from hicache_async.layout import KVLayout
+from hicache_async.radix import Tier as RadixTier
+from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, create_storage
+from hicache_async.testing._soak_faults import FAULT_KINDS, SegmentFaults, install_faulty_engine
+from hicache_async.testing._soak_requests import Ctx, Tally, run_bad, serve
+from hicache_async.testing._soak_watch import CancelAtSuspension, Watch
+from hicache_async.testing._soak_workload import BAD_KINDS, Prompts, RequestPlan, Workload
+
+__all__ = ["BAD_KINDS", "FAULT_KINDS", "SoakOptions", "install_faulty_engine", "run_soak", "soak"]
+
+MODEL_NAME = "soak"
+_STORES = itertools.count()  # memory L3: one named store per run
+L3_KINDS = ("file", "memory", "redis")
+
+
+@dataclass
+class SoakOptions:
+    """How long, how hard and with which faults to soak (the CLI's flags)."""
+
+    seconds: float = 30.0
+    seed: int = 0
+    sessions: int = 64
+    l3: str = "file"
+    l3_path: Path | None = None  # file: the directory (default: a fresh temporary one)
+    redis_url: str | None = None  # redis: a server to use (default: a redis-server started here)
+    faults: frozenset[str] = frozenset(FAULT_KINDS)
+    bad_kinds: frozenset[str] = frozenset(BAD_KINDS)  # which bad requests "bad" mixes in
+    segment_seconds: float = 1.5  # one cache instance (one policy pair) per segment
+    hang_after_s: float = 10.0  # a request still waiting after this long is a hang
+    stall_s: float = 3.0  # how long a stalled storage call waits unless released
+    page_size: int = 8
+    device_pages: int = 512
+    host_pages: int = 1024
+    max_tokens: int = 320  # conversations restart past this many tokens
+    cancel_rate: float = 0.12  # of the requests, when "cancel" faults are on
+    bad_rate: float = 0.04  # likewise, when "bad" faults are on
+    # Test hook: called with each cache once it is open (e.g. to break it on purpose).
+    instrument: Callable[[HiCache], None] | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.faults) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULT_KINDS}")
+        unknown = set(self.bad_kinds) - set(BAD_KINDS)
+        if unknown:
+            raise ValueError(f"unknown bad request kinds {sorted(unknown)}; known: {BAD_KINDS}")
+        if self.l3 not in L3_KINDS:
+            raise ValueError(f"l3 must be one of {L3_KINDS}, not {self.l3!r}")
+
+
+def soak(options: SoakOptions, backend: str = "asyncio") -> dict[str, Any]:
+    """Run the soak on ``backend`` (``asyncio`` or ``trio``); the JSON-ready report."""
+    report: dict[str, Any] = anyio.run(run_soak, options, backend=backend)
+    report["backend"] = backend
+    return report
+
+
+async def run_soak(options: SoakOptions) -> dict[str, Any]:
+    """Run the soak on the current event loop; the JSON-ready report."""
+    with _l3_place(options) as place:
+        run = _Run(options, place)
+        started = time.monotonic()
+        await run.all_segments()
+        return run.report(time.monotonic() - started)
+
+
+@contextmanager
+def _l3_place(options: SoakOptions) -> Iterator[dict[str, Any]]:
+    """The backend options of the run's L3 (a temporary directory or redis-server if needed)."""
+    if options.l3 == "memory":
+        # A store of this run's own (named stores live as long as the process: kept small).
+        store = f"soak-{os.getpid()}-{next(_STORES)}"
+        yield {"store": store, "capacity_bytes": 8 << 20}
+        return
+    if options.l3 == "redis":
+        if options.redis_url is not None:
+            yield {"url": options.redis_url}
+            return
+        from hicache_async.testing.redis_server import RedisProcess
+
+        with tempfile.TemporaryDirectory(prefix="hicache-soak-redis-") as workdir:
+            server = RedisProcess(Path(workdir))
+            server.start()
+            try:
+                yield {"port": server.port}
+            finally:
+                server.stop()
+        return
+    if options.l3_path is not None:
+        yield {"path": str(options.l3_path), "capacity_bytes": 64 << 20}
+        return
+    workdir = tempfile.mkdtemp(prefix="hicache-soak-")
+    try:
+        yield {"path": workdir, "capacity_bytes": 64 << 20}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux), else its peak."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class _Resources:
+    rss_mb_start: float = field(default_factory=_rss_mb)
+    threads_start: int = field(default_factory=threading.active_count)
+    rss_mb_max: float = 0.0
+    threads_max: int = 0
+
+    def sample(self) -> None:
+        self.rss_mb_max = max(self.rss_mb_max, _rss_mb())
+        self.threads_max = max(self.threads_max, threading.active_count())
+
+    def as_dict(self) -> dict[str, Any]:
+        self.sample()
+        end_rss, end_threads = _rss_mb(), threading.active_count()
+        # Bounds: the anyio and backend thread pools are capacity-limited (tens of threads);
+        # the pools and the L3 index of a run are a few MB; a leak grows without bound.
+        bounded = self.threads_max <= self.threads_start + 96 and (
+            end_rss - self.rss_mb_start <= 512
+        )
+        return {
+            "rss_mb_start": round(self.rss_mb_start, 1),
+            "rss_mb_max": round(self.rss_mb_max, 1),
+            "rss_mb_end": round(end_rss, 1),
+            "threads_start": self.threads_start,
+            "threads_max": self.threads_max,
+            "threads_end": end_threads,
+            "bounded": bounded,
+        }
+
+
+class _Run:
+    """One soak run: its segments, workers and counts."""
+
+    def __init__(self, options: SoakOptions, place: dict[str, Any]) -> None:
+        self.options = options
+        self.place = place
+        self.tally = Tally()
+        self.hangs: list[dict[str, Any]] = []
+        self.segments: list[dict[str, Any]] = []
+        self.invariant_failures: list[dict[str, Any]] = []
+        self.leaked_pages = 0
+        self.locks_held = 0
+        self.cache_deaths = 0
+        self.faults: Counter[str] = Counter()
+        self.resources = _Resources()
+        self.layout = KVLayout(
+            num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", page_size=options.page_size
+        )
+        prompts = Prompts.make(options.seed)
+        cancel = options.cancel_rate if "cancel" in options.faults else 0.0
+        bad = options.bad_rate if "bad" in options.faults and options.bad_kinds else 0.0
+        bad_kinds = tuple(sorted(options.bad_kinds))
+        self.workloads = [
+            Workload(w, options.seed, prompts, options.max_tokens, cancel, bad, bad_kinds)
+            for w in range(options.sessions)
+        ]
+        pairs = list(itertools.product(PrefetchPolicy, WritePolicy))
+        random.Random(f"soak:{options.seed}:policies").shuffle(pairs)
+        self.policies = pairs
+
+    # -- segments -------------------------------------------------------------------------
+
+    async def all_segments(self) -> None:
+        """Segments of ``segment_seconds`` of traffic until ``seconds`` have passed (the
+        drain and checks between segments count against the run's time)."""
+        options = self.options
+        end = anyio.current_time() + options.seconds
+        for index in itertools.count():
+            left = end - anyio.current_time()
+            if left <= 0 or (index and left < options.segment_seconds / 4):
+                return
+            await self.segment(index, min(options.segment_seconds, left))
+
+    def config(self, prefetch: PrefetchPolicy, write: WritePolicy) -> HiCacheConfig:
+        options = self.options
+        values: dict[str, Any] = {
+            "layout": self.layout,
+            "device": "cpu",
+            "device_pages": options.device_pages,
+            "host_pages": options.host_pages,
+            "host_layout": HostLayout.PAGE_FIRST,
+            "write_policy": write,
+            "prefetch_policy": prefetch,
+            "storage_backend": options.l3,
+            "prefetch_threshold": 4 * options.page_size,
+            "prefetch_timeout_base": 0.3,
+            "prefetch_timeout_per_ki_token": 0.1,
+        }
+        if "model_name" in HiCacheConfig.model_fields:  # issue 17 makes it a config field
+            values["model_name"] = MODEL_NAME
+        return HiCacheConfig(**values)
+
+    def storage(self, config: HiCacheConfig, faults: SegmentFaults) -> HiCacheStorage:
+        inner = create_storage(
+            self.options.l3,
+            HiCacheStorageConfig(
+                is_mla_model=False,
+                is_page_first_layout=config.host_layout is not HostLayout.LAYER_FIRST,
+                model_name=MODEL_NAME,
+            ),
+            **self.place,
+        )
+        return faults.wrap(inner)
+
+    async def segment(self, index: int, seconds: float) -> None:
+        prefetch, write = self.policies[index % len(self.policies)]
+        config = self.config(prefetch, write)
+        rng = random.Random(f"soak:{self.options.seed}:segment:{index}")
+        faults = SegmentFaults(self.options.faults, rng, self.options.stall_s)
+        record: dict[str, Any] = {
+            "index": index,
+            "prefetch_policy": prefetch.value,
+            "write_policy": write.value,
+            "requests_before": self.tally.requests,
+        }
+        options: dict[str, Any] = {"storage": self.storage(config, faults), "drain_timeout": 5.0}
+        if "model_name" not in HiCacheConfig.model_fields:
+            options["model_name"] = MODEL_NAME
+        watch = Watch(self.options.hang_after_s)
+        try:
+            async with HiCache.open(config, **options) as cache:
+                faults.install(cache)
+                if self.options.instrument is not None:
+                    self.options.instrument(cache)
+                await self.drive(cache, watch, faults, seconds)
+                faults.quiesce()
+                await self.finish(cache, record)
+        except Exception as exc:  # the cache died: its task group ended the segment
+            self.cache_deaths += 1
+            record["died"] = True
+            self.tally.killed += len(watch.unreported())
+            self.tally.error("cache_death", exc, segment=index)
+        self.hangs.extend({**hang, "segment": index} for hang in watch.hangs)
+        self.faults.update(faults.injected())
+        self.faults.update({f"stall_{k}": v for k, v in faults.events.items()})
+        record["requests"] = self.tally.requests - record.pop("requests_before")
+        self.segments.append(record)
+        self.resources.sample()
+
+    async def drive(
+        self, cache: HiCache, watch: Watch, faults: SegmentFaults, seconds: float
+    ) -> None:
+        """Run the workers for ``seconds``, then until every request ended or was named
+        a hang (those are cancelled)."""
+        stop = anyio.Event()
+        async with anyio.create_task_group() as helpers:
+            helpers.start_soon(watch.run)
+            helpers.start_soon(faults.control)
+            async with anyio.create_task_group() as workers:
+                for load in self.workloads:
+                    workers.start_soon(self.worker, cache, watch, load, stop)
+                await anyio.sleep(seconds)
+                stop.set()
+                await watch.settled()
+                workers.cancel_scope.cancel()  # only requests named as hangs are left
+            helpers.cancel_scope.cancel()
+
+    async def finish(self, cache: HiCache, record: dict[str, Any]) -> None:
+        """Drain, then check the index and the allocators against the tree."""
+        with anyio.move_on_after(self.options.hang_after_s) as drain:
+            await cache.drain()
+        if drain.cancelled_caught:
+            self.hangs.append({"step": "drain", "waited_s": self.options.hang_after_s})
+            self._invariant(record, "drain", "drain() did not finish")
+            return
+        tree, ps = cache.tree, cache.page_size
+        try:
+            tree.check()
+        except Exception as exc:
+            self._invariant(record, "tree_check", f"{type(exc).__name__}: {exc}")
+        locked = tree.protected_size(RadixTier.DEVICE) + tree.protected_size(RadixTier.HOST)
+        if locked:
+            self.locks_held += locked // ps
+            self._invariant(record, "locks_held", f"{locked // ps} pages still locked")
+        pools = [("device", cache.l1.allocator, RadixTier.DEVICE)]
+        if cache.host_pool is not None:
+            pools.append(("host", cache.host_pool.allocator, RadixTier.HOST))
+        for name, allocator, tier in pools:
+            extra = allocator.used - tree.total_size(tier) // ps
+            if extra:
+                self.leaked_pages += abs(extra)
+                self._invariant(
+                    record,
+                    f"{name}_pages",
+                    f"{name} allocator holds {allocator.used} pages, the tree "
+                    f"{tree.total_size(tier) // ps}",
+                )
+
+    def _invariant(self, record: dict[str, Any], check: str, detail: str) -> None:
+        record.setdefault("invariant_failures", []).append(check)
+        failure = {"segment": record["index"], "check": check, "detail": detail}
+        self.invariant_failures.append(failure)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def worker(self, cache: HiCache, watch: Watch, load: Workload, stop: anyio.Event) -> None:
+        while not stop.is_set():
+            plan = load.next()
+            await anyio.sleep(plan.think_s)
+            if stop.is_set():
+                return
+            if await self.request(cache, watch, load.worker, plan):
+                load.served(plan)
+
+    async def request(self, cache: HiCache, watch: Watch, worker: int, plan: RequestPlan) -> bool:
+        """One request as ``plan`` says; True when it was served."""
+        tally = self.tally
+        policy = f"{cache.config.prefetch_policy.value}/{cache.config.write_policy.value}"
+        flight = watch.start(worker, plan.bad_kind or plan.mode, policy)
+        tally.requests += 1
+        ctx = Ctx(cache, tally, flight)
+        try:
+            if plan.mode == "bad":
+                tally.bad_outcome(plan.bad_kind, "issued")
+                flight.coro = coro = run_bad(ctx, plan)
+                tally.bad_outcome(plan.bad_kind, await coro)
+                return False
+            flight.coro = served = serve(ctx, plan.tokens, plan.extra_key)
+            if plan.mode == "normal":
+                await served
+                tally.served += 1
+                return True
+            with anyio.CancelScope() as scope:
+                if plan.mode == "cancel_delay":
+                    scope.deadline = anyio.current_time() + plan.delay
+                    await served
+                else:
+                    await CancelAtSuspension(served, scope, plan.at)
+            if scope.cancelled_caught:
+                tally.cancelled += 1
+            else:
+                tally.served += 1
+            return False
+        except CapacityError:
+            tally.capacity_refusals += 1
+            return False
+        except HiCacheError as exc:
+            tally.request_errors[type(exc).__name__] += 1
+            tally.error("request", exc, kind=plan.bad_kind or plan.mode, step=flight.step)
+            return False
+        except Exception as exc:
+            if plan.mode == "bad":
+                tally.bad_outcome(plan.bad_kind, "wrong_error")
+            tally.unexpected_errors[type(exc).__name__] += 1
+            tally.error("request", exc, kind=plan.bad_kind or plan.mode, step=flight.step)
+            return False
+        finally:
+            tally.ended += 1
+            watch.end(flight)
+
+    # -- the report -----------------------------------------------------------------------
+
+    def report(self, elapsed: float) -> dict[str, Any]:
+        tally, options = self.tally, self.options
+        bad = {kind: dict(counts) for kind, counts in sorted(tally.bad.items())}
+        refused = sum(c.get("refused", 0) for c in tally.bad.values())
+        accepted = sum(c.get("accepted", 0) for c in tally.bad.values())
+        hangs = len(self.hangs)
+        report: dict[str, Any] = {
+            "seed": options.seed,
+            "seconds": round(elapsed, 2),
+            "seconds_requested": options.seconds,
+            "sessions": options.sessions,
+            "l3": options.l3,
+            "faults": sorted(options.faults),
+            "bad_kinds": sorted(options.bad_kinds) if "bad" in options.faults else [],
+            "requests": tally.requests,
+            "ended": tally.ended,
+            "served": tally.served,
+            "cancelled": tally.cancelled,
+            "capacity_refusals": tally.capacity_refusals,
+            "killed_by_cache_death": tally.killed,
+            "hangs": hangs,
+            "hang_details": self.hangs[:10],
+            "wrong_bytes": tally.wrong_bytes,
+            "wrong_hits": tally.wrong_hits,
+            "hits_checked": tally.hits_checked,
+            "hit_ratio": round(tally.hit_tokens / tally.prompt_tokens, 4)
+            if tally.prompt_tokens
+            else 0.0,
+            "hit_tokens_by_tier": dict(tally.hits_by_tier),
+            "leaked_pages": self.leaked_pages,
+            "locks_held_pages": self.locks_held,
+            "invariant_failures": self.invariant_failures[:20],
+            "cache_deaths": self.cache_deaths,
+            "refused_bad_requests": refused,
+            "accepted_bad_requests": accepted,
+            "bad_requests": bad,
+            "request_errors": dict(tally.request_errors),
+            "unexpected_errors": dict(tally.unexpected_errors),
+            "faults_injected": dict(sorted(self.faults.items())),
+            "over_deadline": tally.late,
+            "over_deadline_details": tally.over_deadline,
+            "slowest_s": dict(sorted(tally.slowest_s.items())),
+            "segments": self.segments,
+            "resources": self.resources.as_dict(),
+            "errors_seen": tally.errors_seen,
+            "errors": tally.errors,
+        }
+        report["ok"] = not (
+            hangs
+            or tally.wrong_bytes
+            or self.leaked_pages
+            or self.cache_deaths
+            or self.invariant_failures
+            or not report["resources"]["bounded"]
+        )
+        return report

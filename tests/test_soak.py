@@ -1,0 +1,159 @@
+"""The chaos soak in CI: a bounded run per seed and event loop, and proof that it can fail.
+
+The soak's run length is a duration, not an assertion: the tests count events (hangs named
+by the watchdog, wrong bytes, leaked pages, cache deaths), never wall-clock bounds.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+from hicache_async.cache import HiCache
+from hicache_async.testing.soak import BAD_KINDS, FAULT_KINDS, SoakOptions, run_soak, soak
+
+# Fault kinds the soak finds still broken (each has an xfail reproduction in
+# test_soak_findings.py); left out of the CI runs until their fixes land, then put back.
+KNOWN_BROKEN_FAULTS = {
+    "copy_fail": "test_failed_backup_copy_is_counted_and_the_cache_goes_on",
+}
+KNOWN_BROKEN_BAD = {
+    "foreign_slots": "test_commit_of_another_sessions_slots_is_refused",
+}
+CI_FAULTS = frozenset(FAULT_KINDS) - set(KNOWN_BROKEN_FAULTS)
+CI_BAD = frozenset(BAD_KINDS) - set(KNOWN_BROKEN_BAD)
+CI_SECONDS = 13.0
+
+
+def assert_clean(report: dict[str, Any]) -> None:
+    assert report["hangs"] == 0, report["hang_details"]
+    assert report["wrong_bytes"] == 0, report["wrong_hits"]
+    assert report["leaked_pages"] == 0, report["invariant_failures"]
+    assert report["cache_deaths"] == 0, report["errors"]
+    assert report["invariant_failures"] == []
+    assert report["resources"]["bounded"], report["resources"]
+    assert report["ok"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "seed"), [("asyncio", 1), ("trio", 1), ("asyncio", 2), ("trio", 2)]
+)
+def test_soak(backend: str, seed: int, tmp_path: Path) -> None:
+    options = SoakOptions(
+        seconds=CI_SECONDS, seed=seed, l3_path=tmp_path, faults=CI_FAULTS, bad_kinds=CI_BAD
+    )
+    report = soak(options, backend=backend)
+    assert_clean(report)
+    # It did what it says: every request ended, hits were checked, faults were injected,
+    # bad requests were refused, and more than one policy pair ran.
+    assert report["requests"] > 0
+    assert report["ended"] == report["requests"]
+    assert report["hits_checked"] > 0
+    assert report["served"] > 0
+    assert report["cancelled"] > 0
+    injected = report["faults_injected"]
+    assert injected["slow"] > 0
+    assert injected["flaky"] + injected["stall"] + injected["corrupt"] > 0
+    assert report["refused_bad_requests"] > 0
+    assert len(report["segments"]) > 1
+
+
+def test_soak_on_redis(tmp_path: Path) -> None:
+    pytest.importorskip("redis")
+    options = SoakOptions(
+        seconds=4.0, seed=3, l3="redis", sessions=32, faults=CI_FAULTS - {"bad"}, bad_kinds=CI_BAD
+    )
+    assert_clean(soak(options))
+
+
+# -- the harness can fail --------------------------------------------------------------------
+
+
+def _quick(instrument: Any, **kw: Any) -> dict[str, Any]:
+    options = SoakOptions(
+        seconds=2.5, seed=5, sessions=16, faults=frozenset(), instrument=instrument, **kw
+    )
+    return soak(options)
+
+
+def test_soak_reports_wrong_bytes_of_a_corrupting_cache() -> None:
+    """A device pool that flips a bit in one write of eight: hits show wrong bytes."""
+    rng = random.Random(0)
+
+    def corrupt_writes(cache: HiCache) -> None:
+        pool = cache.device_pool
+        write = pool.set_kv_buffer
+
+        def flipping(
+            layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None
+        ) -> None:
+            if loc.numel() and rng.random() < 0.125:
+                k = k.clone()
+                k.view(-1).view(torch.int16)[0] ^= 1
+            write(layer, loc, k, v)
+
+        pool.set_kv_buffer = flipping  # type: ignore[method-assign]
+
+    report = _quick(corrupt_writes)
+    assert report["wrong_bytes"] > 0
+    assert report["wrong_hits"] > 0
+    assert not report["ok"]
+
+
+def test_soak_reports_a_leaked_page() -> None:
+    """A cache that takes a device page and never gives it back: a leak per segment."""
+
+    def leak(cache: HiCache) -> None:
+        assert cache.l1.allocator.alloc(1) is not None
+
+    report = _quick(leak)
+    assert report["leaked_pages"] >= len(report["segments"])
+    assert any(f["check"] == "device_pages" for f in report["invariant_failures"])
+    assert not report["ok"]
+
+
+def test_soak_names_a_hung_request_and_where_it_waits() -> None:
+    """A prefetch that never returns (third call): the watchdog names the request, its step
+    and the frame it waits in, and the run still ends."""
+
+    def stuck_prefetch(cache: HiCache) -> None:
+        prefetcher = cache.prefetcher
+        assert prefetcher is not None
+        fetch = prefetcher.fetch
+        calls = 0
+
+        async def fetch_or_hang(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                await anyio.sleep_forever()
+            return await fetch(*args, **kwargs)
+
+        prefetcher.fetch = fetch_or_hang  # type: ignore[method-assign]
+
+    report = _quick(stuck_prefetch, hang_after_s=1.0, segment_seconds=2.5)
+    assert report["hangs"] >= 1
+    hang = report["hang_details"][0]
+    assert hang["step"] in ("prefetch", "load")
+    assert any("fetch_or_hang" in frame for frame in hang["stack"])
+    assert not report["ok"]
+
+
+async def test_run_soak_on_the_callers_loop() -> None:
+    """``run_soak`` runs on the caller's loop (pytest's asyncio and uvloop here)."""
+    options = SoakOptions(
+        seconds=1.0, seed=7, sessions=8, l3="memory", faults=CI_FAULTS, bad_kinds=CI_BAD
+    )
+    assert_clean(await run_soak(options))
+
+
+def test_options_refuse_unknown_names() -> None:
+    with pytest.raises(ValueError, match="unknown fault kinds"):
+        SoakOptions(faults=frozenset({"gremlins"}))
+    with pytest.raises(ValueError, match="l3 must be one of"):
+        SoakOptions(l3="tape")

@@ -1,0 +1,107 @@
+"""Defects the chaos soak found, each as a minimal deterministic reproduction.
+
+Each test states the promise the runtime must keep and is marked ``xfail(strict=True)`` until
+the owner of the code lands the fix: then it passes, the strict xfail turns red, and the mark
+(and the fault kind's exclusion in ``test_soak.py``) is removed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hicache_async import HiCache, HiCacheConfig, KVLayout
+from hicache_async.errors import HiCacheError
+from hicache_async.radix import Tier as RadixTier
+from hicache_async.testing._soak_kv import expected_kv, prefix_hashes, write_kv, wrong_bytes
+from hicache_async.testing.faults import FaultyTransferEngine
+from hicache_async.testing.soak import install_faulty_engine
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", page_size=4)
+PROMPT = list(range(1000, 1064))  # 16 pages
+
+
+def config(**kw: object) -> HiCacheConfig:
+    options: dict[str, object] = {
+        "layout": LAYOUT,
+        "device": "cpu",
+        "device_pages": 64,
+        "host_pages": 128,
+        "storage_backend": "none",
+        "prefetch_threshold": 4,
+    }
+    options.update(kw)
+    return HiCacheConfig(**options)
+
+
+async def serve(cache: HiCache, tokens: list[int]) -> int:
+    """One request through a session, KV from the soak's oracle; the hit length (checked)."""
+    kv = expected_kv(cache.layout, prefix_hashes(tokens, None))
+    async with cache.session(tokens) as s:
+        await s.prefetch()
+        hit = await s.load()
+        assert wrong_bytes(cache.device_pool, hit.device_indices, kv[: hit.length]) == 0
+        slots = s.allocate(len(tokens) - hit.length)
+        write_kv(cache.device_pool, slots, kv[hit.length :])
+        await s.commit(slots)
+    return int(hit.length)
+
+
+def assert_index_intact(cache: HiCache) -> None:
+    tree, ps = cache.tree, cache.page_size
+    tree.check()
+    assert tree.protected_size(RadixTier.DEVICE) == 0
+    assert cache.l1.allocator.used == tree.total_size(RadixTier.DEVICE) // ps
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 defect 2: a TransferError from a D2H backup copy escapes the backup "
+    "worker and kills the cache's task group (soak: cache_deaths with copy_fail faults; "
+    "requests then see anyio.BrokenResourceError from commit)",
+)
+async def test_failed_backup_copy_is_counted_and_the_cache_goes_on() -> None:
+    async with HiCache.open(config()) as cache:
+        assert cache.l1.engine is not None
+        engine = FaultyTransferEngine(cache.l1.engine, fail_rate=1.0, slow_rate=0.0)
+        install_faulty_engine(cache, engine)
+        await serve(cache, PROMPT)  # write_through: its backup is queued, and fails
+        await cache.drain()
+        assert engine.failed >= 1
+        assert await serve(cache, PROMPT) == len(PROMPT)  # L1 still serves it
+        assert_index_intact(cache)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 defect 6: session B's commit of session A's slots is accepted; the "
+    "tree then owns a device page twice (soak: wrong_bytes, leaked_pages, tree_check)",
+)
+async def test_commit_of_another_sessions_slots_is_refused() -> None:
+    other = [*PROMPT[:-4], 7, 7, 7, 7]
+    kv = expected_kv(LAYOUT, prefix_hashes(PROMPT, None))
+    async with HiCache.open(config()) as cache:
+        async with cache.session(PROMPT) as a:
+            await a.load()
+            slots = a.allocate(len(PROMPT))
+            write_kv(cache.device_pool, slots, kv)
+            async with cache.session(other) as b:
+                await b.load()
+                with pytest.raises(HiCacheError):
+                    await b.commit(slots)
+            await a.commit(slots)
+        assert_index_intact(cache)
+        assert await serve(cache, PROMPT) == len(PROMPT)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 defect 6: load() after the session exited returns its old hit, whose "
+    "pages are no longer held (soak: bad request load_after_exit accepted)",
+)
+async def test_load_after_exit_is_refused() -> None:
+    async with HiCache.open(config()) as cache:
+        await serve(cache, PROMPT)
+        async with cache.session(PROMPT) as s:
+            assert (await s.load()).length == len(PROMPT)
+        with pytest.raises(HiCacheError):
+            await s.load()
