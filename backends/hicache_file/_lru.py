@@ -1,16 +1,15 @@
 """The capacity index of the file backend: page files in least-recently-used order.
 
-Kept in memory and touched only on the event loop. It is built once, lazily, by one scan of
-the store in a worker thread (files ordered by mtime), and never scanned again: every later
-write, hit and removal updates it in O(1).
+Kept in memory and touched only on the event loop. It is filled once from the survey (one
+walk of the store in its own thread, files ordered by mtime), and the store is never walked
+again: every later write, hit, removal and page found gone updates it in O(1).
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 
-__all__ = ["LruIndex", "scan_store"]
+__all__ = ["LruIndex"]
 
 
 class LruIndex:
@@ -24,6 +23,16 @@ class LruIndex:
 
     def __len__(self) -> int:
         return len(self._sizes)
+
+    def fill(self, sizes: OrderedDict[str, int], used_bytes: int) -> None:
+        """Take ``sizes`` (oldest first, ``used_bytes`` in all) before what is known already,
+        which is more recent."""
+        for path, size in self._sizes.items():
+            old = sizes.pop(path, None)
+            used_bytes += size - (old or 0)
+            sizes[path] = size
+        self._sizes = sizes
+        self.used_bytes = used_bytes
 
     def touch(self, path: str, size: int) -> None:
         """Mark ``path`` most recently used (adding it when unknown)."""
@@ -54,20 +63,3 @@ class LruIndex:
         self._sizes.clear()
         self.keys.clear()
         self.used_bytes = 0
-
-
-def scan_store(root: str) -> list[tuple[float, str, int]]:
-    """``(mtime, path, size)`` of every page file under ``root`` (blocking; run in a thread)."""
-    found = []
-    for top, _dirs, files in os.walk(root):
-        for name in files:
-            if not name.endswith(".kv"):
-                continue
-            path = os.path.join(top, name)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue
-            found.append((st.st_mtime, path, st.st_size))
-    found.sort()
-    return found

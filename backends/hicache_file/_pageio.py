@@ -4,30 +4,68 @@ A page file is the payload at offset 0 followed by the codec trailer. Reads go w
 ``preadv`` straight into the host page's segments plus a trailer buffer; writes with one
 ``pwritev`` from them into a temporary file that is then renamed over the final name, so a
 reader sees a whole page or none, and concurrent writers of one key both leave a whole page.
+
+Only regular files are pages. Whatever else is found in a page's place (a directory, a FIFO,
+a device, a link to one) is refused before any read, since a read from it may never return,
+and removed so that the page can be written again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import errno
 import os
-import threading
+import shutil
+import stat
 from collections.abc import Sequence
 from typing import Literal
 
 from hicache_async.errors import CorruptPageError
 from hicache_async.storage import PageBuffer, PageCodec
 from hicache_async.storage.codec import TRAILER_SIZE, checksum
+from hicache_file._tempfiles import temp_path
 
-__all__ = ["read_page", "remove_quietly", "write_page"]
+__all__ = [
+    "NotAPageFileError",
+    "Written",
+    "discard_entry",
+    "is_page_file",
+    "read_page",
+    "remove_quietly",
+    "write_page",
+]
 
 _IOV_MAX = 1024  # Linux's limit on buffers per preadv/pwritev call
 _MAX_RW = 0x7FFFF000  # Linux moves at most this many bytes per read/write call
-_TOKEN = os.urandom(4).hex()  # tells apart temp files of processes sharing a directory
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# Opening a FIFO without O_NONBLOCK waits for a writer, for ever if none comes: with it, the
+# open returns at once and fstat tells what was opened. Regular files ignore the flag.
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 # Indirections so tests can inject faults (ENOSPC) without patching ``os`` for everyone.
 _preadv = os.preadv
 _pwritev = os.pwritev
+
+
+class NotAPageFileError(CorruptPageError):
+    """Something other than a regular file is in a page file's place."""
+
+
+class Written(enum.Enum):
+    """What :func:`write_page` did."""
+
+    STORED = "stored"  # the page file is new
+    SKIPPED = "skipped"  # a page file was there already
+    REPAIRED = "repaired"  # stored, after removing something else in its place
 
 
 def _advance(buffers: Sequence[memoryview], done: int) -> list[memoryview]:
@@ -64,15 +102,37 @@ def _writev_full(fd: int, buffers: list[memoryview]) -> None:
         pending = _advance(pending, n)
 
 
+def _refuse(mode: int, path: str) -> NotAPageFileError:
+    kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    return NotAPageFileError(f"{kind} is in the place of page file {path}")
+
+
+def _open_page(path: str) -> int | None:
+    # The page file's descriptor, or None when there is none; never blocks.
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):  # no page (or no shard directory)
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket
+            raise NotAPageFileError(f"a socket is in the place of page file {path}") from exc
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _refuse(mode, path)
+    return fd
+
+
 def read_page(path: str, digest: bytes, buffer: PageBuffer, codec: PageCodec) -> bool:
     """Fill ``buffer`` from the page file at ``path``; ``False`` when there is none.
 
-    Raises :class:`CorruptPageError` when the file is short, long, or fails a check; the
-    host page may then hold garbage, and the caller reports the page as a miss.
+    Raises :class:`CorruptPageError` when the file is short, long, or fails a check (or
+    :class:`NotAPageFileError` when it is no regular file); the host page may then hold
+    garbage, and the caller reports the page as a miss.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-    except FileNotFoundError:
+    fd = _open_page(path)
+    if fd is None:
         return False
     # One byte more than a page file holds: a longer file (another layout) is caught too.
     tail = bytearray(TRAILER_SIZE + 1)
@@ -97,23 +157,34 @@ def read_page(path: str, digest: bytes, buffer: PageBuffer, codec: PageCodec) ->
     return True
 
 
+def _mode(path: str) -> int | None:
+    # What ``path`` leads to (links followed), or None when nothing is there.
+    try:
+        return os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def is_page_file(path: str) -> bool:
+    """Whether a page file (a regular file, or a link to one) is at ``path``."""
+    mode = _mode(path)
+    return mode is not None and stat.S_ISREG(mode)
+
+
 def write_page(
     path: str,
     digest: bytes,
     buffer: PageBuffer,
     codec: PageCodec,
     fsync: Literal["none", "file", "dir"],
-) -> bool:
-    """Write the page file at ``path`` unless it exists; ``True`` written, ``False`` skipped."""
-    if os.path.exists(path):
-        return False
-    tmp = f"{path}.{_TOKEN}.{os.getpid()}.{threading.get_ident()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC
-    try:
-        fd = os.open(tmp, flags, 0o644)
-    except FileNotFoundError:  # first page of this shard directory
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(tmp, flags, 0o644)
+) -> Written:
+    """Write the page file at ``path`` unless it exists."""
+    mode = _mode(path)
+    if mode is not None and stat.S_ISREG(mode):
+        return Written.SKIPPED
+    repaired = mode is not None and discard_entry(path)
+    tmp = temp_path(path)
+    fd, shards_repaired = _open_temp(tmp, path)
     try:
         try:
             _writev_full(fd, [*buffer, memoryview(codec.trailer(digest, buffer))])
@@ -131,6 +202,47 @@ def write_page(
             os.fsync(dfd)
         finally:
             os.close(dfd)
+    return Written.REPAIRED if repaired or shards_repaired else Written.STORED
+
+
+def _open_temp(tmp: str, path: str) -> tuple[int, bool]:
+    # A new temp file's descriptor, and whether a shard directory's place had to be cleared.
+    # Never a link, never waits on a FIFO (a temp name is ours alone, but a leftover may be).
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC | _O_NOFOLLOW | _O_NONBLOCK
+    repaired = False
+    try:
+        return os.open(tmp, flags, 0o644), repaired
+    except FileNotFoundError:  # first page of this shard directory
+        pass
+    except NotADirectoryError:  # a file where a shard directory should be
+        repaired = _clear_shard_places(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return os.open(tmp, flags, 0o644), repaired
+
+
+def _clear_shard_places(path: str) -> bool:
+    leaf = os.path.dirname(path)
+    cleared = False
+    for shard in (os.path.dirname(leaf), leaf):
+        mode = _mode(shard)
+        if mode is None:
+            break
+        if not stat.S_ISDIR(mode):
+            cleared = discard_entry(shard) or cleared
+    return cleared
+
+
+def discard_entry(path: str) -> bool:
+    """Remove what is at ``path``, a file, link, FIFO or directory tree (links are removed,
+    never followed); ``True`` when something was removed. Never raises: what cannot be
+    removed now is tried again by the next write of the page."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except OSError:
+        return False
     return True
 
 
