@@ -112,8 +112,8 @@ class FileStorage(HiCacheStorage):
         return self._surveyed
 
     async def _ready(self, *, wait: bool = False) -> None:
-        # Every primitive starts here: the first starts the survey; a capacity index needs
-        # every page file, so with one (as before the first call) the calls wait for it.
+        # Every primitive starts here: the first starts the survey. A capacity index needs
+        # every page file, so with one the calls wait for it (as for the index scan before).
         if self._survey_state is SurveyState.PENDING:
             self._survey_state = SurveyState.RUNNING
             self._survey.start()

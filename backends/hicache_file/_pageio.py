@@ -43,6 +43,7 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # open returns at once and fstat tells what was opened. Regular files ignore the flag.
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _KINDS = {
     stat.S_IFDIR: "a directory",
     stat.S_IFIFO: "a FIFO",
@@ -117,10 +118,13 @@ def _open_page(path: str) -> int | None:
         if exc.errno == errno.ENXIO:  # a socket
             raise NotAPageFileError(f"a socket is in the place of page file {path}") from exc
         raise
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _refuse(mode, path)
+    except BaseException:
         os.close(fd)
-        raise _refuse(mode, path)
+        raise
     return fd
 
 
@@ -197,7 +201,7 @@ def write_page(
         remove_quietly(tmp)
         raise
     if fsync == "dir":
-        dfd = os.open(os.path.dirname(path), os.O_RDONLY | _O_CLOEXEC)
+        dfd = os.open(os.path.dirname(path), os.O_RDONLY | _O_CLOEXEC | _O_DIRECTORY)
         try:
             os.fsync(dfd)
         finally:

@@ -2,10 +2,12 @@
 
 It removes the temp files killed writers left (see ``_tempfiles``) and, for a capacity
 index, lists the page files with their sizes. It reads each shard directory once (65,536 at
-most, one ``scandir`` each), stats only what it keeps or removes, and never blocks the store:
-reads and writes go on meanwhile, and the backend folds the result in once it is done. The
-thread is the backend's: ``stop()`` ends the walk at the next directory and the backend joins
-it when it closes.
+most, one ``scandir`` each: linear in the store, ~0.7 s for 200,000 pages here) and stats
+only the files it lists or removes. Without a capacity index nothing waits for it: reads and
+writes go on meanwhile, and the backend folds its counts in once it is done; with one, the
+calls wait for it (the LRU order needs every page file), as they waited for the index scan
+before. The thread is the backend's: ``stop()`` ends the walk at the next directory, and the
+backend joins it when it closes.
 """
 
 from __future__ import annotations

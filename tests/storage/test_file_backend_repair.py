@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import torch
 
 from hicache_async import HiCache, HiCacheConfig, KVLayout
 from hicache_async.errors import ConfigError
@@ -310,7 +311,9 @@ async def test_non_file_in_a_page_place_misses_that_page_only(tmp_path: Path, ki
         finally:
             _unblock(bad)
         assert found == [True, False, True]
-        assert storage.get_stats()["errors"] == {"corrupt": 1}
+        stats = storage.get_stats()
+        assert stats["errors"] == {"corrupt": 1}
+        assert stats["repaired_entries"] == 1
         assert page_bytes(pool, 5) == page_bytes(pool, 0)
         assert page_bytes(pool, 7) == page_bytes(pool, 2)
         # Repaired: the entry is gone (a link, not what it points to), the page writes again.
@@ -348,7 +351,10 @@ async def test_write_over_a_non_file_stores_the_page(tmp_path: Path, kind: str) 
         finally:
             _unblock(bad)
         assert page_bytes(pool, 6) == page_bytes(pool, 1)
-        assert storage.get_stats()["set_skipped"] == 0
+        stats = storage.get_stats()
+        assert stats["set_skipped"] == 0
+        assert stats["repaired_entries"] == 1
+        assert stats["error_count"] == 0
 
 
 async def test_file_in_a_shard_directory_place(tmp_path: Path) -> None:
@@ -367,6 +373,47 @@ async def test_file_in_a_shard_directory_place(tmp_path: Path) -> None:
         assert await storage.batch_set_v1(["b"], slots(pool, [1])) == [True]
         assert await storage.batch_get_v1(["b"], slots(pool, [6])) == [True]
         assert page_bytes(pool, 6) == page_bytes(pool, 1)
+        assert storage.get_stats()["repaired_entries"] == 1
+
+
+def _cache_config(path: Path) -> HiCacheConfig:
+    # model_name becomes a required field for a shared L3 (issue 17, defect 7).
+    named = {"model_name": "test"} if "model_name" in HiCacheConfig.model_fields else {}
+    return HiCacheConfig(
+        layout=KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype="float16", page_size=4),
+        **named,
+        device="cpu",
+        device_pages=16,
+        host_pages=32,
+        storage_backend="file",
+        storage_backend_extra_config=json.dumps({"path": str(path)}),
+        prefetch_threshold=4,
+        prefetch_policy="wait_complete",
+    )
+
+
+async def test_fifos_in_page_places_through_the_cache(tmp_path: Path) -> None:
+    # Defect 3: a FIFO where a page file was hung the request and the cache's close.
+    from tests.test_cache_e2e import serve
+
+    prompt = torch.arange(7, 7 + 48)
+    async with HiCache.open(_cache_config(tmp_path)) as cache:
+        assert await serve(cache, prompt) == 0
+    pages = sorted(tmp_path.rglob("*.kv"))
+    assert pages
+    for page in pages:
+        page.unlink()
+        os.mkfifo(page)
+    try:
+        async with HiCache.open(_cache_config(tmp_path)) as cache:
+            assert await serve(cache, prompt) == 0  # every page a miss; the request ends
+    finally:
+        for page in pages:
+            _unblock(str(page))
+    # The second cache wrote the pages again over the FIFOs; a third one hits them all.
+    assert all(page.is_file() for page in pages)
+    async with HiCache.open(_cache_config(tmp_path)) as cache:
+        assert await serve(cache, prompt) == 48
 
 
 # -- defect 9: paths and sizes that cannot work ------------------------------------------
@@ -410,19 +457,8 @@ def test_path_without_permission(tmp_path: Path) -> None:
 def test_bad_path_through_the_cache_config(tmp_path: Path) -> None:
     file = tmp_path / "file"
     file.write_bytes(b"")
-    # model_name becomes a required field for a shared L3 (issue 17, defect 7).
-    named = {"model_name": "test"} if "model_name" in HiCacheConfig.model_fields else {}
-    config = HiCacheConfig(
-        layout=KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, page_size=4, dtype="float32"),
-        **named,
-        device="cpu",
-        device_pages=8,
-        host_pages=16,
-        storage_backend="file",
-        storage_backend_extra_config=json.dumps({"path": str(file)}),
-    )
-    with pytest.raises(ConfigError, match="regular file"):
-        HiCache(config)
+    with pytest.raises(ConfigError, match=r"regular file.*HICACHE_STORAGE_BACKEND_EXTRA_CONFIG"):
+        HiCache(_cache_config(file))
 
 
 @pytest.mark.parametrize("capacity", [True, 2**70, -5])
@@ -433,5 +469,5 @@ def test_nonsense_capacity(tmp_path: Path, capacity: object) -> None:
 
 def test_capacity_below_one_page(tmp_path: Path) -> None:
     storage = create_storage("file", CONFIG, path=tmp_path, capacity_bytes=PAGE_FILE - 1)
-    with pytest.raises(ConfigError, match=f"capacity_bytes.*{PAGE_FILE}"):
+    with pytest.raises(ConfigError, match=rf"capacity_bytes.*{PAGE_FILE}"):
         storage.register_mem_pool_host(filled_pool(MHA))
