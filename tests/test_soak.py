@@ -15,6 +15,9 @@ import pytest
 import torch
 
 from hicache_async.cache import HiCache
+from hicache_async.layout import KVLayout
+from hicache_async.testing._soak_kv import expected_kv, prefix_hashes
+from hicache_async.testing._soak_workload import Prompts, RequestPlan, Workload
 from hicache_async.testing.soak import BAD_KINDS, FAULT_KINDS, SoakOptions, run_soak, soak
 
 # Fault kinds the soak finds still broken (each has an xfail reproduction in
@@ -58,6 +61,8 @@ def test_soak(backend: str, seed: int, tmp_path: Path) -> None:
     assert report["cancelled"] > 0
     injected = report["faults_injected"]
     assert injected["slow"] > 0
+    assert injected["cancel"] > 0
+    assert injected["bad"] > 0
     assert injected["flaky"] + injected["stall"] + injected["corrupt"] > 0
     assert report["refused_bad_requests"] > 0
     assert len(report["segments"]) > 1
@@ -150,6 +155,32 @@ async def test_run_soak_on_the_callers_loop() -> None:
         seconds=1.0, seed=7, sessions=8, l3="memory", faults=CI_FAULTS, bad_kinds=CI_BAD
     )
     assert_clean(await run_soak(options))
+
+
+def test_the_traffic_and_the_oracle_are_deterministic() -> None:
+    """Same seed, same requests (whatever the loop's interleaving); the KV oracle depends on
+    the tenant and the prefix only."""
+    prompts = Prompts.make(seed=4)
+
+    def plans(seed: int) -> list[RequestPlan]:
+        load = Workload(3, seed, prompts, cancel_rate=0.2, bad_rate=0.1)
+        out = []
+        for _ in range(40):
+            plan = load.next()
+            load.served(plan)
+            out.append(plan)
+        return out
+
+    assert plans(4) == plans(4)
+    assert plans(4) != plans(5)
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", page_size=4)
+    tokens = list(range(100, 140))
+    bits = expected_kv(layout, prefix_hashes(tokens, "t")).view(torch.int16)
+    assert torch.equal(bits, expected_kv(layout, prefix_hashes(tokens, "t")).view(torch.int16))
+    other_tenant = expected_kv(layout, prefix_hashes(tokens, None)).view(torch.int16)
+    assert not torch.equal(bits[0], other_tenant[0])
+    longer = expected_kv(layout, prefix_hashes([*tokens, 7], "t")).view(torch.int16)
+    assert torch.equal(longer[:40], bits)  # a position's KV depends on its prefix only
 
 
 def test_options_refuse_unknown_names() -> None:

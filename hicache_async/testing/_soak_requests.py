@@ -38,7 +38,8 @@ class Tally:
     requests: int = 0
     ended: int = 0
     served: int = 0
-    cancelled: int = 0
+    cancelled: int = 0  # cancelled before they ended (of ``cancels`` planned)
+    cancels: int = 0  # requests sent with a cancellation planned
     capacity_refusals: int = 0
     killed: int = 0  # in flight when their cache died
     prompt_tokens: int = 0

@@ -381,6 +381,7 @@ class _Run:
                 await served
                 tally.served += 1
                 return True
+            tally.cancels += 1
             with anyio.CancelScope() as scope:
                 if plan.mode == "cancel_delay":
                     scope.deadline = anyio.current_time() + plan.delay
@@ -417,6 +418,9 @@ class _Run:
         refused = sum(c.get("refused", 0) for c in tally.bad.values())
         accepted = sum(c.get("accepted", 0) for c in tally.bad.values())
         hangs = len(self.hangs)
+        injected = self.faults + Counter(
+            cancel=tally.cancels, bad=sum(c.get("issued", 0) for c in tally.bad.values())
+        )
         report: dict[str, Any] = {
             "seed": options.seed,
             "seconds": round(elapsed, 2),
@@ -449,7 +453,7 @@ class _Run:
             "bad_requests": bad,
             "request_errors": dict(tally.request_errors),
             "unexpected_errors": dict(tally.unexpected_errors),
-            "faults_injected": dict(sorted(self.faults.items())),
+            "faults_injected": dict(sorted(injected.items())),
             "over_deadline": tally.late,
             "over_deadline_details": tally.over_deadline,
             "slowest_s": dict(sorted(tally.slowest_s.items())),
