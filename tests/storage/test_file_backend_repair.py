@@ -15,6 +15,7 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 import pytest
 import torch
 
@@ -161,7 +162,7 @@ def test_writer_killed_while_another_lives(tmp_path: Path) -> None:
         dead.send_signal(signal.SIGKILL)
         dead.wait()
         assert len(_temps(tmp_path)) == 2
-        stats = _run(_surveyed(tmp_path))
+        stats = anyio.run(_surveyed, tmp_path, backend="trio")  # the survey on trio too
         assert stats["swept_temp_files"] == 1
         (kept,) = _temps(tmp_path)
         assert f".{live.pid}." in kept.name
@@ -393,6 +394,14 @@ def _cache_config(path: Path) -> HiCacheConfig:
 
 
 async def test_fifos_in_page_places_through_the_cache(tmp_path: Path) -> None:
+    await _fifos_through_the_cache(tmp_path)
+
+
+def test_fifos_in_page_places_through_the_cache_on_trio(tmp_path: Path) -> None:
+    anyio.run(_fifos_through_the_cache, tmp_path, backend="trio")
+
+
+async def _fifos_through_the_cache(tmp_path: Path) -> None:
     # Defect 3: a FIFO where a page file was hung the request and the cache's close.
     from tests.test_cache_e2e import serve
 
