@@ -66,6 +66,7 @@ def test_soak(backend: str, seed: int, tmp_path: Path) -> None:
     assert injected["flaky"] + injected["stall"] + injected["corrupt"] > 0
     assert report["refused_bad_requests"] > 0
     assert len(report["segments"]) > 1
+    assert {segment["traffic"] for segment in report["segments"]} == {"steady", "waves"}
 
 
 def test_soak_on_redis(tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ import collections
 import random
 from dataclasses import dataclass, field
 
-__all__ = ["BAD_KINDS", "Conversation", "Prompts", "RequestPlan", "Workload"]
+import anyio
+
+__all__ = ["BAD_KINDS", "Conversation", "Prompts", "RequestPlan", "Waves", "Workload"]
 
 VOCAB = 50_000
 TENANTS: tuple[str | None, ...] = (None, "tenant-a", "tenant-b")
@@ -131,3 +133,38 @@ class Workload:
             now = Conversation(rng.choice(TENANTS), list(system), rng.randint(1, 6))
         self.current = now
         return now
+
+
+class Waves:
+    """Bursts: every worker sends its next request at once, and the next wave starts only
+    when every worker is back (a reusable barrier; a worker that stops leaves it). Bursts
+    put many sessions on the same prefixes at the same moment, and a request that waits for
+    another's event which never comes stalls its wave for good: a hang, not a blip that the
+    next request's event hides."""
+
+    def __init__(self, parties: int) -> None:
+        self.parties = parties
+        self.arrived = 0
+        self.count = 0  # waves started
+        self._start = anyio.Event()
+
+    async def wait(self) -> None:
+        """Arrive; return when every worker still here has arrived."""
+        self.arrived += 1
+        start = self._start
+        if not self._release():
+            await start.wait()
+
+    def leave(self) -> None:
+        """A worker stops for good."""
+        self.parties -= 1
+        self._release()
+
+    def _release(self) -> bool:
+        if self.arrived < self.parties or not self.arrived:
+            return False
+        self.arrived = 0
+        self.count += 1
+        start, self._start = self._start, anyio.Event()
+        start.set()
+        return True

@@ -56,7 +56,7 @@ from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, create_s
 from hicache_async.testing._soak_faults import FAULT_KINDS, SegmentFaults, install_faulty_engine
 from hicache_async.testing._soak_requests import Ctx, Tally, run_bad, serve
 from hicache_async.testing._soak_watch import CancelAtSuspension, Watch
-from hicache_async.testing._soak_workload import BAD_KINDS, Prompts, RequestPlan, Workload
+from hicache_async.testing._soak_workload import BAD_KINDS, Prompts, RequestPlan, Waves, Workload
 
 __all__ = ["BAD_KINDS", "FAULT_KINDS", "SoakOptions", "install_faulty_engine", "run_soak", "soak"]
 
@@ -84,6 +84,9 @@ class SoakOptions:
     device_pages: int = 512
     host_pages: int = 1024
     max_tokens: int = 320  # conversations restart past this many tokens
+    waves: bool = True  # every other segment sends its traffic in bursts (Waves)
+    system_prompts: int = 4  # shared by every tenant (their keys differ by extra_key)
+    system_prompt_tokens: tuple[int, int] = (64, 192)  # length range
     cancel_rate: float = 0.12  # of the requests, when "cancel" faults are on
     bad_rate: float = 0.04  # likewise, when "bad" faults are on
     # Test hook: called with each cache once it is open (e.g. to break it on purpose).
@@ -207,7 +210,7 @@ class _Run:
         self.layout = KVLayout(
             num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", page_size=options.page_size
         )
-        prompts = Prompts.make(options.seed)
+        prompts = Prompts.make(options.seed, options.system_prompts, options.system_prompt_tokens)
         cancel = options.cancel_rate if "cancel" in options.faults else 0.0
         bad = options.bad_rate if "bad" in options.faults and options.bad_kinds else 0.0
         bad_kinds = tuple(sorted(options.bad_kinds))
@@ -283,7 +286,9 @@ class _Run:
                 faults.install(cache)
                 if self.options.instrument is not None:
                     self.options.instrument(cache)
-                await self.drive(cache, watch, faults, seconds)
+                wave = self.options.waves and index % 2 == 1
+                record["traffic"] = "waves" if wave else "steady"
+                await self.drive(cache, watch, faults, seconds, wave)
                 faults.quiesce()
                 await self.finish(cache, record)
         except Exception as exc:  # the cache died: its task group ended the segment
@@ -299,17 +304,18 @@ class _Run:
         self.resources.sample()
 
     async def drive(
-        self, cache: HiCache, watch: Watch, faults: SegmentFaults, seconds: float
+        self, cache: HiCache, watch: Watch, faults: SegmentFaults, seconds: float, wave: bool
     ) -> None:
-        """Run the workers for ``seconds``, then until every request ended or was named
-        a hang (those are cancelled)."""
+        """Run the workers for ``seconds`` (``wave``: in bursts), then until every request
+        ended or was named a hang (those are cancelled)."""
         stop = anyio.Event()
+        waves = Waves(len(self.workloads)) if wave else None
         async with anyio.create_task_group() as helpers:
             helpers.start_soon(watch.run)
             helpers.start_soon(faults.control)
             async with anyio.create_task_group() as workers:
                 for load in self.workloads:
-                    workers.start_soon(self.worker, cache, watch, load, stop)
+                    workers.start_soon(self.worker, cache, watch, load, stop, waves)
                 await anyio.sleep(seconds)
                 stop.set()
                 await watch.settled()
@@ -354,14 +360,28 @@ class _Run:
 
     # -- requests -------------------------------------------------------------------------
 
-    async def worker(self, cache: HiCache, watch: Watch, load: Workload, stop: anyio.Event) -> None:
-        while not stop.is_set():
-            plan = load.next()
-            await anyio.sleep(plan.think_s)
-            if stop.is_set():
-                return
-            if await self.request(cache, watch, load.worker, plan):
-                load.served(plan)
+    async def worker(
+        self,
+        cache: HiCache,
+        watch: Watch,
+        load: Workload,
+        stop: anyio.Event,
+        waves: Waves | None,
+    ) -> None:
+        try:
+            while not stop.is_set():
+                plan = load.next()
+                if waves is not None:
+                    await waves.wait()
+                else:
+                    await anyio.sleep(plan.think_s)
+                if stop.is_set():
+                    return
+                if await self.request(cache, watch, load.worker, plan):
+                    load.served(plan)
+        finally:
+            if waves is not None:
+                waves.leave()
 
     async def request(self, cache: HiCache, watch: Watch, worker: int, plan: RequestPlan) -> bool:
         """One request as ``plan`` says; True when it was served."""
