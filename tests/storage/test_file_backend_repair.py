@@ -181,13 +181,17 @@ def test_temp_files_of_unknown_owners_are_swept_by_age(tmp_path: Path) -> None:
         (shard / name).write_bytes(b"x" * 100)
     assert _run(_surveyed(tmp_path))["swept_temp_files"] == 0
     assert len(_temps(tmp_path)) == 3  # recent: a writer elsewhere may still own them
+    # Not a temp name of ours: a ``path`` shared with other files loses none of them.
+    foreign = [shard / "notes.tmp", tmp_path / f"{digest}.kv.x.tmp", shard / f"{digest}.tmp"]
+    for path in foreign:
+        path.write_bytes(b"z")
     old = time.time() - 2 * 3600
-    for name in names:
-        os.utime(shard / name, (old, old))
+    for path in [*(shard / name for name in names), *foreign]:
+        os.utime(path, (old, old))
     stats = _run(_surveyed(tmp_path))
     assert stats["swept_temp_files"] == 3
     assert stats["swept_temp_bytes"] == 300
-    assert _temps(tmp_path) == []
+    assert _temps(tmp_path) == sorted(foreign)
 
 
 async def test_this_process_keeps_its_own_writers_temp_files(tmp_path: Path) -> None:
