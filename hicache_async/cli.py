@@ -148,9 +148,10 @@ def _replay(args: argparse.Namespace) -> int:
 def _soak(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hicache_async.testing.soak import FAULT_KINDS, SoakOptions, soak
+    from hicache_async.testing.soak import BAD_KINDS, FAULT_KINDS, SoakOptions, soak
 
     faults = FAULT_KINDS if args.faults == "all" else tuple(filter(None, args.faults.split(",")))
+    bad = BAD_KINDS if args.bad_kinds == "all" else tuple(filter(None, args.bad_kinds.split(",")))
     try:
         options = SoakOptions(
             seconds=args.seconds,
@@ -159,6 +160,7 @@ def _soak(args: argparse.Namespace) -> int:
             l3=args.l3,
             l3_path=Path(args.l3_path) if args.l3_path else None,
             faults=frozenset(faults),
+            bad_kinds=frozenset(bad),
             hang_after_s=args.hang_after,
         )
     except ValueError as exc:
@@ -231,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="comma-separated fault kinds, 'all' or '' (flaky, slow, corrupt, stall, "
         "copy_fail, copy_slow, cancel, bad)",
+    )
+    chaos.add_argument(
+        "--bad-kinds",
+        default="all",
+        help="comma-separated bad requests the 'bad' faults mix in, or 'all' (token_id_too_large, "
+        "negative_token_id, lone_surrogate_key, too_many_slots, foreign_slots, load_after_exit, "
+        "negative_allocate)",
     )
     chaos.add_argument("--hang-after", type=float, default=10.0, help="seconds that make a hang")
     chaos.add_argument("--backend", default="asyncio", help="asyncio or trio")

@@ -6,6 +6,7 @@ by the watchdog, wrong bytes, leaked pages, cache deaths), never wall-clock boun
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from hicache_async.cache import HiCache
+from hicache_async.cli import main
 from hicache_async.layout import KVLayout
 from hicache_async.testing._soak_kv import expected_kv, prefix_hashes
 from hicache_async.testing._soak_workload import Prompts, RequestPlan, Workload
@@ -182,6 +184,16 @@ def test_the_traffic_and_the_oracle_are_deterministic() -> None:
     assert not torch.equal(bits[0], other_tenant[0])
     longer = expected_kv(layout, prefix_hashes([*tokens, 7], "t")).view(torch.int16)
     assert torch.equal(longer[:40], bits)  # a position's KV depends on its prefix only
+
+
+def test_cli_soak_prints_one_json_document(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["soak", "--seconds", "1", "--sessions", "4", "--l3", "memory", "--json"]
+    status = main([*args, "--faults", "slow,bad", "--bad-kinds", "negative_allocate"])
+    report = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert report["ok"]
+    assert report["bad_requests"].keys() <= {"negative_allocate"}
+    assert main(["soak", "--faults", "gremlins"]) == 2  # a configuration error
 
 
 def test_options_refuse_unknown_names() -> None:
