@@ -163,6 +163,13 @@ class HiCacheConfig(BaseSettings):
     prefetch_timeout_per_ki_token: float = Field(
         default=0.25, ge=0, description="Extra seconds per 1024 prefetched tokens."
     )
+    prefetch_wait_complete_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds a prefetch without a linear deadline (wait_complete; best_effort's "
+        "background fetch) may take in all: past it, the arrived prefix is kept.",
+    )
     storage_pass_prefix_keys: bool = Field(
         default=False, description="Pass the keys of the cached prefix to the backend."
     )

@@ -26,6 +26,11 @@ class StorageStats:
     bytes_read: int = 0
     bytes_written: int = 0
     evicted_pages: int = 0
+    # Worker threads a cancelled call left running past the grace period (stuck in a blocking
+    # call: a FIFO, a hung mount), and how many of them are still running: each holds a token
+    # of the backend's thread limiter and keeps the pages it may write reserved until it returns.
+    threads_left_behind: int = 0
+    threads_stuck: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     _logged: set[str] = field(default_factory=set, repr=False, compare=False)
 
@@ -46,6 +51,23 @@ class StorageStats:
                 kind,
                 exc,
             )
+
+    def thread_left_behind(self) -> None:
+        """Count a worker thread left behind (on the loop, like every count); log the first."""
+        self.threads_left_behind += 1
+        self.threads_stuck += 1
+        if "thread_left_behind" not in self._logged:
+            self._logged.add("thread_left_behind")
+            logger.warning(
+                "%s storage: a worker thread is stuck in a blocking call; the request moved on, "
+                "its pages stay reserved until it returns (threads_stuck in the stats); "
+                "further ones are not logged",
+                self.backend or "L3",
+            )
+
+    def thread_returned(self) -> None:
+        """A thread left behind has returned."""
+        self.threads_stuck -= 1
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot."""
