@@ -43,8 +43,9 @@ test: lint pytest      ## what CI runs
 
 SOAK_SECONDS ?= 600
 SOAK_SEED    ?= 0
-soak: $(STAMP) redis-server  ## chaos soak: 10 minutes, every fault kind, file L3; prints the JSON
-	$(BIN)/hicache-async soak --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED) --faults all --json
+SOAK_L3      ?= file
+soak: $(STAMP)         ## chaos soak: 10 minutes, every fault kind, file L3 (SOAK_L3=redis: make redis-server first); prints the JSON
+	$(BIN)/hicache-async soak --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED) --l3 $(SOAK_L3) --faults all --json
 
 bench: $(STAMP)
 	@ls benchmarks/bench_*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
