@@ -36,6 +36,16 @@ async def until_started(started: list[int], n: int) -> None:
 
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_a_stuck_thread_is_left_behind_and_its_owner_told(workers: int) -> None:
+    await left_behind_then_back(workers)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stuck_thread_is_left_behind_on_trio(workers: int) -> None:
+    """The thread's return reaches the loop through trio's token too."""
+    anyio.run(left_behind_then_back, workers, backend="trio")
+
+
+async def left_behind_then_back(workers: int) -> None:
     release = threading.Event()
     fn, started = blocking(set(range(workers)), release)
     limiter = anyio.CapacityLimiter(4)
