@@ -107,6 +107,10 @@ class PrefetchControl:
                 self._scope = None
 
 
+def _nothing_to_keep(straggler: Straggler) -> None:
+    """The owner of a call that gives its threads no memory of ours (counted all the same)."""
+
+
 class _Held:
     """The host pages one prefetch reserved, from reserve to commit or rollback.
 
@@ -343,7 +347,11 @@ class Prefetcher:
             found = 0
             cut = False  # the existence check ran out of time or was terminated: found none
             if keys:
-                with control._step(deadline) as scope:
+                # An existence check writes no page: a thread stuck in it has nothing to keep.
+                with (
+                    control._step(deadline) as scope,
+                    leave_stuck_threads(_nothing_to_keep, self.storage.stats),
+                ):
                     found = await self.storage.batch_exists(keys)
                 cut = scope.cancelled_caught
             agreed = await self._agreed(tag | _REACH, [held + found, held])

@@ -228,6 +228,42 @@ async def test_a_thread_stuck_in_a_read_is_left_behind_with_its_pages_quarantine
     assert rig.page_bytes(rig.tree.match_prefix(key).last_host_node.host_indices) == kept
 
 
+class ThreadStallExists(ForwardingStorage):
+    """An existence check in a worker thread that blocks until ``release`` (as Mooncake's
+    runs its client's calls)."""
+
+    def __init__(self, inner: HiCacheStorage) -> None:
+        super().__init__(inner)
+        self.release = threading.Event()
+
+    async def _leading(self, keys: list[str]) -> int:
+        def stuck(_i: int) -> None:
+            self.release.wait()
+
+        await run_in_threads(stuck, 1, limiter=anyio.CapacityLimiter(1), workers=1)
+        return 0
+
+
+async def test_a_thread_stuck_in_the_existence_check_is_left_behind(rig: Rig) -> None:
+    await store_pages(rig, TOKENS, 10)
+    stall = wrapped(rig, ThreadStallExists)
+    key = RadixKey(TOKENS)
+    prefetcher = make(rig, storage=stall)
+    try:
+        (result,) = await ended(
+            lambda: prefetcher.fetch(key, rig.tree.match_prefix(key), deadline_s=0.05)
+        )
+        assert result.outcome is PrefetchOutcome.TIMED_OUT
+        assert stall.get_stats()["threads_stuck"] == 1
+        assert prefetcher.inflight_pages == 0  # it was given no page
+        assert rig.pool.allocator.available == 32
+    finally:
+        stall.release.set()
+    while stall.get_stats()["threads_stuck"]:  # noqa: ASYNC110 (counted back on its return)
+        await anyio.sleep(0.001)
+    assert stall.get_stats()["threads_left_behind"] == 1
+
+
 async def test_quarantined_pages_count_against_the_prefetch_capacity(rig: Rig) -> None:
     await store_pages(rig, TOKENS, 10)
     stall = wrapped(rig, ThreadStall, from_call=0)
