@@ -7,7 +7,9 @@ the owner of the code lands the fix: then it passes, the strict xfail turns red,
 
 from __future__ import annotations
 
+import anyio
 import pytest
+import torch
 
 from hicache_async import HiCache, HiCacheConfig, KVLayout
 from hicache_async.errors import HiCacheError
@@ -15,6 +17,7 @@ from hicache_async.radix import Tier as RadixTier
 from hicache_async.testing._soak_kv import expected_kv, prefix_hashes, write_kv, wrong_bytes
 from hicache_async.testing.faults import FaultyTransferEngine
 from hicache_async.testing.soak import install_faulty_engine
+from hicache_async.transfer import TransferEngine
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", page_size=4)
 PROMPT = list(range(1000, 1064))  # 16 pages
@@ -105,3 +108,46 @@ async def test_load_after_exit_is_refused() -> None:
             assert (await s.load()).length == len(PROMPT)
         with pytest.raises(HiCacheError):
             await s.load()
+
+
+class GatedEngine(FaultyTransferEngine):
+    """Backups wait at a gate (no faults): a backup in flight, held open by the test."""
+
+    def __init__(self, inner: TransferEngine) -> None:
+        super().__init__(inner, fail_rate=0.0, slow_rate=0.0)
+        self.entered = anyio.Event()
+        self.gate = anyio.Event()
+
+    async def backup_pages(self, device_pages: torch.Tensor, host_pages: torch.Tensor) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        await super().backup_pages(device_pages, host_pages)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 defect 4 (the ensure_device_room path too): under write_back, "
+    "ensure_device_room backs up the victims it sees, awaits the copy, then evicts by the "
+    "policy again; a prefix unlocked meanwhile (older in LRU order) is evicted with no copy "
+    "anywhere (soak: lost_pages, from the KV-event ledger)",
+)
+async def test_write_back_room_never_evicts_a_page_it_did_not_back_up() -> None:
+    prompt_a, prompt_b, prompt_c = PROMPT[:16], PROMPT[16:48], list(range(5000, 5032))
+    async with HiCache.open(
+        config(device_pages=16, host_pages=32, write_policy="write_back")
+    ) as cache:
+        await serve(cache, prompt_a)  # L1: 4 pages, on device only (write_back)
+        holder = cache.session(prompt_a)
+        await holder.__aenter__()  # a request holds A (its last use: now)
+        await serve(cache, prompt_b)  # L1: 12 of 16 pages
+        assert cache.l1.engine is not None
+        engine = GatedEngine(cache.l1.engine)
+        install_faulty_engine(cache, engine)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve, cache, prompt_c)  # needs 8 pages: backs up B, then evicts
+            await engine.entered.wait()
+            await holder.__aexit__(None, None, None)  # A's request ends mid-backup
+            engine.gate.set()
+        await cache.drain()
+        match = cache.match_prefix(cache.key(prompt_a))
+        assert match.device_hit_length + match.host_hit_length == len(prompt_a), "A was lost"

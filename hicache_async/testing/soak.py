@@ -32,16 +32,11 @@ a run is as deterministic as the loop's scheduling allows.
 from __future__ import annotations
 
 import itertools
-import os
 import random
-import shutil
-import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +45,13 @@ import anyio
 from hicache_async.cache import HiCache
 from hicache_async.config import HiCacheConfig, HostLayout, PrefetchPolicy, WritePolicy
 from hicache_async.errors import CapacityError, HiCacheError
+from hicache_async.events import EventStream
 from hicache_async.layout import KVLayout
 from hicache_async.radix import Tier as RadixTier
 from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, create_storage
+from hicache_async.testing._soak_env import Resources, l3_place
 from hicache_async.testing._soak_faults import FAULT_KINDS, SegmentFaults, install_faulty_engine
+from hicache_async.testing._soak_ledger import Ledger
 from hicache_async.testing._soak_requests import Ctx, Tally, run_bad, serve
 from hicache_async.testing._soak_watch import CancelAtSuspension, Watch
 from hicache_async.testing._soak_workload import BAD_KINDS, Prompts, RequestPlan, Waves, Workload
@@ -61,7 +59,6 @@ from hicache_async.testing._soak_workload import BAD_KINDS, Prompts, RequestPlan
 __all__ = ["BAD_KINDS", "FAULT_KINDS", "SoakOptions", "install_faulty_engine", "run_soak", "soak"]
 
 MODEL_NAME = "soak"
-_STORES = itertools.count()  # memory L3: one named store per run
 L3_KINDS = ("file", "memory", "redis")
 
 
@@ -112,84 +109,11 @@ def soak(options: SoakOptions, backend: str = "asyncio") -> dict[str, Any]:
 
 async def run_soak(options: SoakOptions) -> dict[str, Any]:
     """Run the soak on the current event loop; the JSON-ready report."""
-    with _l3_place(options) as place:
+    with l3_place(options) as place:
         run = _Run(options, place)
         started = time.monotonic()
         await run.all_segments()
         return run.report(time.monotonic() - started)
-
-
-@contextmanager
-def _l3_place(options: SoakOptions) -> Iterator[dict[str, Any]]:
-    """The backend options of the run's L3 (a temporary directory or redis-server if needed)."""
-    if options.l3 == "memory":
-        # A store of this run's own (named stores live as long as the process: kept small).
-        store = f"soak-{os.getpid()}-{next(_STORES)}"
-        yield {"store": store, "capacity_bytes": 8 << 20}
-        return
-    if options.l3 == "redis":
-        if options.redis_url is not None:
-            yield {"url": options.redis_url}
-            return
-        from hicache_async.testing.redis_server import RedisProcess
-
-        with tempfile.TemporaryDirectory(prefix="hicache-soak-redis-") as workdir:
-            server = RedisProcess(Path(workdir))
-            server.start()
-            try:
-                yield {"port": server.port}
-            finally:
-                server.stop()
-        return
-    if options.l3_path is not None:
-        yield {"path": str(options.l3_path), "capacity_bytes": 64 << 20}
-        return
-    workdir = tempfile.mkdtemp(prefix="hicache-soak-")
-    try:
-        yield {"path": workdir, "capacity_bytes": 64 << 20}
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _rss_mb() -> float:
-    """This process's resident memory now (Linux), else its peak."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@dataclass
-class _Resources:
-    rss_mb_start: float = field(default_factory=_rss_mb)
-    threads_start: int = field(default_factory=threading.active_count)
-    rss_mb_max: float = 0.0
-    threads_max: int = 0
-
-    def sample(self) -> None:
-        self.rss_mb_max = max(self.rss_mb_max, _rss_mb())
-        self.threads_max = max(self.threads_max, threading.active_count())
-
-    def as_dict(self) -> dict[str, Any]:
-        self.sample()
-        end_rss, end_threads = _rss_mb(), threading.active_count()
-        # Bounds: the anyio and backend thread pools are capacity-limited (tens of threads);
-        # the pools and the L3 index of a run are a few MB; a leak grows without bound.
-        bounded = self.threads_max <= self.threads_start + 96 and (
-            end_rss - self.rss_mb_start <= 512
-        )
-        return {
-            "rss_mb_start": round(self.rss_mb_start, 1),
-            "rss_mb_max": round(self.rss_mb_max, 1),
-            "rss_mb_end": round(end_rss, 1),
-            "threads_start": self.threads_start,
-            "threads_max": self.threads_max,
-            "threads_end": end_threads,
-            "bounded": bounded,
-        }
 
 
 class _Run:
@@ -203,10 +127,12 @@ class _Run:
         self.segments: list[dict[str, Any]] = []
         self.invariant_failures: list[dict[str, Any]] = []
         self.leaked_pages = 0
+        self.lost_pages = 0  # write_back: pages L1 evicted without a copy anywhere
+        self.events_dropped = 0
         self.locks_held = 0
         self.cache_deaths = 0
         self.faults: Counter[str] = Counter()
-        self.resources = _Resources()
+        self.resources = Resources()
         self.layout = KVLayout(
             num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", page_size=options.page_size
         )
@@ -282,15 +208,17 @@ class _Run:
             options["model_name"] = MODEL_NAME
         watch = Watch(self.options.hang_after_s)
         try:
-            async with HiCache.open(config, **options) as cache:
+            async with HiCache.open(config, **options) as cache, cache.events(1 << 20) as events:
                 faults.install(cache)
                 if self.options.instrument is not None:
                     self.options.instrument(cache)
                 wave = self.options.waves and index % 2 == 1
                 record["traffic"] = "waves" if wave else "steady"
-                await self.drive(cache, watch, faults, seconds, wave)
+                ledger = Ledger(check_losses=write is WritePolicy.WRITE_BACK)
+                await self.drive(cache, watch, faults, seconds, wave, ledger, events)
                 faults.quiesce()
                 await self.finish(cache, record)
+                self.settle_ledger(ledger, events, record)
         except Exception as exc:  # the cache died: its task group ended the segment
             self.cache_deaths += 1
             record["died"] = True
@@ -304,7 +232,14 @@ class _Run:
         self.resources.sample()
 
     async def drive(
-        self, cache: HiCache, watch: Watch, faults: SegmentFaults, seconds: float, wave: bool
+        self,
+        cache: HiCache,
+        watch: Watch,
+        faults: SegmentFaults,
+        seconds: float,
+        wave: bool,
+        ledger: Ledger,
+        events: EventStream,
     ) -> None:
         """Run the workers for ``seconds`` (``wave``: in bursts), then until every request
         ended or was named a hang (those are cancelled)."""
@@ -313,6 +248,7 @@ class _Run:
         async with anyio.create_task_group() as helpers:
             helpers.start_soon(watch.run)
             helpers.start_soon(faults.control)
+            helpers.start_soon(ledger.follow, events)
             async with anyio.create_task_group() as workers:
                 for load in self.workloads:
                     workers.start_soon(self.worker, cache, watch, load, stop, waves)
@@ -352,6 +288,19 @@ class _Run:
                     f"{name} allocator holds {allocator.used} pages, the tree "
                     f"{tree.total_size(tier) // ps}",
                 )
+
+    def settle_ledger(self, ledger: Ledger, events: EventStream, record: dict[str, Any]) -> None:
+        """Apply the events the drain emitted; count the pages write_back lost."""
+        for batch in events.drain_nowait():
+            ledger.apply(batch)
+        if events.dropped:
+            self.events_dropped += events.dropped
+            record["ledger"] = "skipped: the event stream lost batches"
+            return
+        if ledger.lost:
+            self.lost_pages += ledger.lost
+            detail = f"{ledger.lost} pages left L1 with no copy on L2 or L3: {ledger.examples}"
+            self._invariant(record, "lost_pages", detail)
 
     def _invariant(self, record: dict[str, Any], check: str, detail: str) -> None:
         record.setdefault("invariant_failures", []).append(check)
@@ -465,6 +414,8 @@ class _Run:
             else 0.0,
             "hit_tokens_by_tier": dict(tally.hits_by_tier),
             "leaked_pages": self.leaked_pages,
+            "lost_pages": self.lost_pages,
+            "events_dropped": self.events_dropped,
             "locks_held_pages": self.locks_held,
             "invariant_failures": self.invariant_failures[:20],
             "cache_deaths": self.cache_deaths,
@@ -486,6 +437,7 @@ class _Run:
             hangs
             or tally.wrong_bytes
             or self.leaked_pages
+            or self.lost_pages
             or self.cache_deaths
             or self.invariant_failures
             or not report["resources"]["bounded"]
