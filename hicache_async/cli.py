@@ -162,6 +162,7 @@ def _soak(args: argparse.Namespace) -> int:
             faults=frozenset(faults),
             bad_kinds=frozenset(bad),
             hang_after_s=args.hang_after,
+            device=args.device,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
@@ -169,9 +170,10 @@ def _soak(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        keys = ("requests", "ended", "hangs", "wrong_bytes", "leaked_pages", "cache_deaths")
+        keys = ("requests", "ended", "hangs", "wrong_bytes", "leaked_pages", "lost_pages")
         print(", ".join(f"{key} {report[key]}" for key in keys))
-        print(f"hit ratio {report['hit_ratio']}, faults injected {report['faults_injected']}")
+        print(f"cache deaths {report['cache_deaths']}, hit ratio {report['hit_ratio']}")
+        print(f"faults injected {report['faults_injected']}")
     return 0 if report["ok"] else 1
 
 
@@ -242,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "negative_allocate)",
     )
     chaos.add_argument("--hang-after", type=float, default=10.0, help="seconds that make a hang")
+    chaos.add_argument("--device", default="cpu", help="L1's device: cpu or cuda")
     chaos.add_argument("--backend", default="asyncio", help="asyncio or trio")
     chaos.add_argument("--json", action="store_true", help="one JSON document on stdout")
     chaos.set_defaults(func=_soak)

@@ -77,6 +77,7 @@ class SoakOptions:
     segment_seconds: float = 1.5  # one cache instance (one policy pair) per segment
     hang_after_s: float = 10.0  # a request still waiting after this long is a hang
     stall_s: float = 3.0  # how long a stalled storage call waits unless released
+    device: str = "cpu"  # L1's device: cpu, or cuda to soak the CUDA copy engine too
     page_size: int = 8
     device_pages: int = 512
     host_pages: int = 1024
@@ -165,7 +166,7 @@ class _Run:
         options = self.options
         values: dict[str, Any] = {
             "layout": self.layout,
-            "device": "cpu",
+            "device": options.device,
             "device_pages": options.device_pages,
             "host_pages": options.host_pages,
             "host_layout": HostLayout.PAGE_FIRST,
