@@ -8,8 +8,10 @@ assert report["hangs"] == report["wrong_bytes"] == report["leaked_pages"] == 0
 Many concurrent sessions (``sessions``, one request at a time each) send multi-turn
 conversations of a few tenants (``extra_key``) over a few long shared system prompts to a cache
 with a small L1 and L2 and an L3 (file, memory or redis). The run is cut into segments, one
-cache instance each over the same L3, rotating every prefetch policy and write policy; in each
-segment faults are injected at random (:data:`FAULT_KINDS`): flaky, slow, corrupting and
+cache instance each over the same L3, rotating every prefetch policy and write policy; every
+other segment sends its traffic in waves (every session at once, the next wave when all are
+back), so a request waiting for an event no later request fires becomes a hang, not a blip. In
+each segment faults are injected at random (:data:`FAULT_KINDS`): flaky, slow, corrupting and
 stalling storage, failed and late copies, requests cancelled at random awaits, bad requests.
 
 What it checks, and reports in one JSON-ready dict:
@@ -22,8 +24,10 @@ What it checks, and reports in one JSON-ready dict:
 - the cache never dies: no exception escapes ``HiCache.open`` (``cache_deaths``);
 - bad requests are refused with a ``HiCacheError`` at their call (``bad_requests``);
 - after each segment (drained, every session closed): ``tree.check()``, no lock held, the
-  allocators hold exactly what the tree holds (``leaked_pages``, ``invariant_failures``); and
-  over the run, RSS and the thread count stay bounded (``resources``).
+  allocators hold exactly what the tree holds (``leaked_pages``, ``invariant_failures``);
+- no page is lost: under ``write_back``, a page leaves L1 only with a copy on L2 or L3 (a
+  ledger of the KV events, :mod:`hicache_async.testing._soak_ledger`; ``lost_pages``);
+- over the run, RSS and the thread count stay bounded (``resources``).
 
 Random choices come from ``random.Random`` seeded by ``seed`` (per worker and per segment), so
 a run is as deterministic as the loop's scheduling allows.
