@@ -168,8 +168,10 @@ async def test_terminate_before_the_prefetch_starts_fetches_nothing(rig: Rig) ->
     (result,) = await ended(
         lambda: make(rig, storage=stall).fetch(key, rig.tree.match_prefix(key), control=control)
     )
-    assert result.outcome is PrefetchOutcome.PARTIAL
-    assert not stall.entered.is_set() or not stall.released.is_set()
+    assert not stall.released.is_set()
+    assert (result.outcome, result.arrived_pages) == (PrefetchOutcome.PARTIAL, 0)
+    assert stall.reads == 0  # it never got as far as reading
+    assert rig.pool.allocator.available == 32
     stall.released.set()
 
 
