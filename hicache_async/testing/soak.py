@@ -137,6 +137,7 @@ class _Run:
         self.locks_held = 0
         self.cache_deaths = 0
         self.faults: Counter[str] = Counter()
+        self.counted: Counter[str] = Counter()  # what cache.stats() counted of them
         self.resources = Resources()
         self.layout = KVLayout(
             num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", page_size=options.page_size
@@ -223,6 +224,7 @@ class _Run:
                 await self.drive(cache, watch, faults, seconds, wave, ledger, events)
                 faults.quiesce()
                 await self.finish(cache, record)
+                self.count_counted(cache, faults, record)
                 self.settle_ledger(ledger, events, record)
         except Exception as exc:  # the cache died: its task group ended the segment
             self.cache_deaths += 1
@@ -293,6 +295,23 @@ class _Run:
                     f"{name} allocator holds {allocator.used} pages, the tree "
                     f"{tree.total_size(tier) // ps}",
                 )
+
+    def count_counted(self, cache: HiCache, faults: SegmentFaults, record: dict[str, Any]) -> None:
+        """Every injected storage and copy fault must show in ``cache.stats()`` (a failure is
+        counted, never silent): errors at least the calls that failed or read corrupt pages,
+        transition failures at least the copies that failed."""
+        snapshot = cache.stats()
+        failures = sum(t.failures for t in snapshot.transitions.values())
+        counted = {"storage_errors": snapshot.storage.errors, "transition_failures": failures}
+        self.counted.update(counted)
+        injected = faults.injected()
+        storage_faults = injected["flaky"] + injected["corrupt"]
+        if snapshot.storage.errors < storage_faults:
+            detail = f"{storage_faults} storage faults injected, {snapshot.storage.errors} counted"
+            self._invariant(record, "uncounted_storage_faults", detail)
+        if failures < injected["copy_fail"]:
+            detail = f"{injected['copy_fail']} copies failed, {failures} transition failures"
+            self._invariant(record, "uncounted_copy_failures", detail)
 
     def settle_ledger(self, ledger: Ledger, events: EventStream, record: dict[str, Any]) -> None:
         """Apply the events the drain emitted; count the pages write_back lost."""
@@ -430,6 +449,7 @@ class _Run:
             "request_errors": dict(tally.request_errors),
             "unexpected_errors": dict(tally.unexpected_errors),
             "faults_injected": dict(sorted(injected.items())),
+            "faults_counted": dict(sorted(self.counted.items())),
             "over_deadline": tally.late,
             "over_deadline_details": tally.over_deadline,
             "slowest_s": dict(sorted(tally.slowest_s.items())),
