@@ -211,10 +211,11 @@ async def _foreign_slots(ctx: Ctx, plan: RequestPlan) -> None:
         flight.step = "enter"
         refused: HiCacheError | None = None
         async with cache.session(other, extra_key=plan.extra_key) as b:
-            await _prefetch_and_load(ctx, b, kv_other, len(other))
+            hit_other = await _prefetch_and_load(ctx, b, kv_other, len(other))
+            theirs = slots[: max(0, len(other) - hit_other)]  # the count B's commit may take
             flight.step = "commit"
             try:
-                await b.commit(slots)
+                await b.commit(theirs)
             except HiCacheError as exc:
                 refused = exc
         flight.step = "own_commit"
