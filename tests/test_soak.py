@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def test_soak(backend: str, seed: int, tmp_path: Path) -> None:
     assert report["hits_checked"] > 0
     assert report["served"] > 0
     assert report["cancelled"] > 0
-    injected = report["faults_injected"]
+    injected = Counter(report["faults_injected"])
     assert injected["slow"] > 0
     assert injected["cancel"] > 0
     assert injected["bad"] > 0
