@@ -39,6 +39,7 @@ from hicache_async.events import (
     KVEvent,
     StorageMedium,
 )
+from hicache_async.health import Health
 from hicache_async.memory.allocator import PagedAllocator
 from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.metrics import (
@@ -50,7 +51,15 @@ from hicache_async.metrics import (
     TierStats,
     Transition,
 )
-from hicache_async.radix import TOKEN_BYTES, MatchResult, NodeState, RadixKey, RadixTree, TreeNode
+from hicache_async.radix import (
+    TOKEN_BYTES,
+    MatchResult,
+    NodeState,
+    RadixKey,
+    RadixTree,
+    TreeNode,
+    check_token_ids,
+)
 from hicache_async.radix import Tier as RadixTier
 from hicache_async.session import Session
 from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, create_storage
@@ -96,6 +105,7 @@ class HiCache:
         self.drain_timeout = drain_timeout
         self.state = CacheState.NEW
         self.counters = Counters()
+        self.health = Health()  # background jobs' failures: contained, counted, logged
         self._sessions_created = 0  # a session's ordinal tags its tensor-parallel rounds
         self.hub = EventHub()
         device = config.resolve_device()
@@ -123,6 +133,7 @@ class HiCache:
             self.hub,
             host_allocator=self.host_pool.allocator if self.host_pool else None,
             headroom=config.eviction_headroom,
+            keep_unbacked=config.write_policy is WritePolicy.WRITE_BACK and config.host_enabled,
         )
         # Tensor parallelism: ranks agree (MIN) on each session's hit and on prefetched pages,
         # in tagged rounds that sessions make in lockstep (see consensus.py). L3 writes are
@@ -161,7 +172,7 @@ class HiCache:
                 StorageMedium.DISK if config.storage_backend == "file" else StorageMedium.EXTERNAL
             )
             self.write_back = WriteBack(
-                self.tree, self.storage, self.counters, self.hub, medium=medium
+                self.tree, self.storage, self.counters, self.hub, medium=medium, health=self.health
             )
             self.storage.removal_listener = self._l3_removed
             self.write_back.on_release = self._retry_backups  # unlocked pages: room on L2
@@ -173,6 +184,7 @@ class HiCache:
                 self.hub,
                 threshold_tokens=config.prefetch_threshold,
                 capacity_pages=config.resolved_prefetch_capacity_pages,
+                max_wait_s=config.prefetch_wait_complete_timeout,
                 agree=agree,
             )
         self.backup: Backup | None = None
@@ -320,8 +332,11 @@ class HiCache:
     # -- requests -------------------------------------------------------------------------
 
     def key(self, tokens: Sequence[int] | torch.Tensor, extra_key: str | None = None) -> RadixKey:
-        """The radix key of a prompt (tokens as a list, array or integer tensor)."""
-        return RadixKey(tokens, extra_key)
+        """The radix key of a prompt (tokens as a list, array or integer tensor); ids outside
+        ``[0, 2**31)`` and an ``extra_key`` that is not UTF-8 are a :class:`RadixInputError`."""
+        key = RadixKey(tokens, extra_key)
+        check_token_ids(key.data)
+        return key
 
     def session(
         self,
@@ -333,7 +348,9 @@ class HiCache:
         """A request's session: ``async with cache.session(tokens) as s: ...``."""
         if self.state is not _OPEN:
             self._check_open()
-        return Session(self, RadixKey(tokens, extra_key), priority)
+        key = RadixKey(tokens, extra_key)
+        check_token_ids(key.data)  # refused here, not in a background task hashing pages
+        return Session(self, key, priority)
 
     def events(self, max_batches: int = 10_000) -> EventStream:
         """A bounded stream of KV event batches from now on (``async with`` it to close)."""
@@ -369,27 +386,32 @@ class HiCache:
         """Free ``pages`` L1 pages now (evicting), waiting for backups in flight when they pin
         what would be evicted; False if even that is not enough. Under ``write_back``, the
         pages about to be evicted are backed up first, so they move to L2 instead of being
-        lost. Like every reservation, it evicts the tier's headroom beyond the shortfall."""
+        lost (L1 eviction never drops a page without a host copy there: a victim whose
+        backup could not be made stays). Like every reservation, it evicts the tier's
+        headroom beyond the shortfall."""
         allocator = self.l1.allocator
         while True:
             short = pages - allocator.available
             if short <= 0:
                 return True
             short += self.device_tier.headroom
-            if self.config.write_policy is WritePolicy.WRITE_BACK:
-                await self._back_up_victims(short)
-            self.device_tier.evict(short)
+            backed = await self._back_up_victims(short) if self.device_tier.keep_unbacked else 0
+            freed = self.device_tier.evict(short)
             if allocator.available >= pages:
                 return True
+            if freed or backed:
+                continue  # progress: the victims' parents may be evictable leaves now
             if not self._backups_pending.count:
                 return False
             # The next finished backup unpins its pages; waiting for none to be pending
             # starved this request while new requests kept adding backups.
             await self._backups_pending.wait_progress()
 
-    async def _back_up_victims(self, short: int) -> None:
+    async def _back_up_victims(self, short: int) -> int:
+        """Back up the unbacked nodes among the next ``short`` pages' worth of L1 victims, in
+        one copy; how many backups landed (0 when the copy failed: counted, rolled back)."""
         if self.backup is None or short <= 0:
-            return
+            return 0
         tokens = short * self.page_size
         jobs = []
         for node in self.tree.eviction_candidates(max(1, short)):
@@ -399,8 +421,12 @@ class HiCache:
             job = self.backup.reserve(node)  # None when it has a host copy, or L2 is full
             if job is not None:
                 jobs.append(job)
-        if jobs:  # one copy for every victim (rolled back together if cut)
-            await self.backup.run_batch(jobs)
+        if not jobs:
+            return 0
+        with self.health.contain("backup"):  # a failed copy: the victims stay on L1 only
+            await self.backup.run_batch(jobs)  # one copy for all (rolled back together)
+            return len(jobs)
+        return 0
 
     def after_insert(self, key: RadixKey, new_tokens: int) -> None:
         """Call after ``tree.insert(key, ...)`` put ``new_tokens`` new tokens on L1 (the
@@ -456,8 +482,8 @@ class HiCache:
                 return False
             try:
                 self._backups[0].send_nowait(job)
-            except anyio.WouldBlock:
-                self.backup.rollback(job)
+            except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                self.backup.rollback(job)  # full, or the cache is closing: no backup now
                 return False
             self._backups_pending.add(pages)
         return True
@@ -496,7 +522,8 @@ class HiCache:
                         break
                 try:
                     if self.backup is not None:
-                        await self.backup.run_batch(jobs)
+                        with self.health.contain("backup"):  # rolled back, counted; go on
+                            await self.backup.run_batch(jobs)
                 finally:
                     self._backups_pending.done(sum(job.tokens for job in jobs) // self.page_size)
                 if self._unbacked:  # pages unpinned: deferred backups may fit now
@@ -537,6 +564,8 @@ class HiCache:
             events_dropped=self.hub.dropped,
             tp_rounds=self.consensus.rounds if self.consensus is not None else 0,
             tp_unpaired_rounds=self.consensus.unpaired if self.consensus is not None else 0,
+            background_failures=dict(self.health.failures),
+            degraded=self.health.degraded,
         )
         if self.storage is None:
             return snapshot

@@ -175,6 +175,10 @@ class CacheStats(_Frozen):
     events_dropped: int = 0
     tp_rounds: int = 0  # tensor-parallel agreement rounds (hits and prefetches)
     tp_unpaired_rounds: int = 0  # of those, reached from different requests: nothing used
+    # Background jobs that failed (rolled back and contained: the cache went on), by job:
+    # backup, load, write_back, release, prefetch.
+    background_failures: dict[str, int] = {}
+    degraded: list[str] = []  # tiers whose jobs failed the last 8 times in a row
 
     @classmethod
     def from_counters(
@@ -187,6 +191,8 @@ class CacheStats(_Frozen):
         events_dropped: int = 0,
         tp_rounds: int = 0,
         tp_unpaired_rounds: int = 0,
+        background_failures: dict[str, int] | None = None,
+        degraded: list[str] | None = None,
     ) -> CacheStats:
         """Combine the live counters with the tiers' current occupancy."""
         tiers = {
@@ -221,4 +227,6 @@ class CacheStats(_Frozen):
             events_dropped=events_dropped,
             tp_rounds=tp_rounds,
             tp_unpaired_rounds=tp_unpaired_rounds,
+            background_failures=background_failures or {},
+            degraded=degraded or [],
         )

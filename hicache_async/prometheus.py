@@ -102,3 +102,15 @@ class StatsCollector(Collector):
         rounds.add_metric(["true"], s.tp_rounds - s.tp_unpaired_rounds)
         rounds.add_metric(["false"], s.tp_unpaired_rounds)
         yield rounds
+
+        background = counter(
+            "background_failures",
+            "Background jobs that failed, rolled back and were contained, by job",
+            ("job",),
+        )
+        for job, count in sorted(s.background_failures.items()):
+            background.add_metric([job], count)
+        degraded = gauge("tier_degraded", "1 while a tier's jobs keep failing", ("tier",))
+        for name in ("device", "host", "storage"):
+            degraded.add_metric([name], float(name in s.degraded))
+        yield from (background, degraded)

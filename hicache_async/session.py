@@ -26,11 +26,12 @@ import torch
 
 from hicache_async._state import OPEN as _OPEN
 from hicache_async.config import PrefetchPolicy
-from hicache_async.errors import CapacityError, HiCacheError, LayoutError
+from hicache_async.errors import CapacityError, HiCacheError, IndexStateError, LayoutError
 from hicache_async.memory.slots import pages_to_slots
 from hicache_async.metrics import Tier
 from hicache_async.radix import TOKEN_BYTES, MatchResult, RadixKey, TreeNode
-from hicache_async.tiers.consensus import round_tag
+from hicache_async.tiers.consensus import AgreementError, round_tag
+from hicache_async.tiers.load import HostPart
 from hicache_async.tiers.prefetch import PrefetchControl, PrefetchOutcome, PrefetchResult
 
 if TYPE_CHECKING:
@@ -201,9 +202,14 @@ class Session:
         agreement round; a round the ranks reached from different sessions gives no hit).
         """
         hit = self._hit
-        if hit is not None:
+        if self._cache.state is not _OPEN:
+            self._cache._check_open()  # ClosedError: the cache's pages are gone
+        if self.state is _MATCHED:
+            if hit is not None:
+                return hit
+        elif self.state is _COMMITTED and hit is not None:
             return hit
-        if self.state is not _MATCHED:
+        else:  # closed: its pages may be gone, so its hit is no longer there to use
             self._expect(_MATCHED)
         match = self._match
         assert match is not None  # MATCHED
@@ -236,20 +242,24 @@ class Session:
         if self._prefetch is not None:
             self._prefetch.control.terminate()
             await self._prefetch.done.wait()
+            if self._prefetch.error is not None:
+                raise self._prefetch.error
             if self._prefetch.result is not None:
                 self._after_prefetch(self._prefetch.result)
             match = self.match  # the arrived pages were matched again
         cache = self._cache
         loader = cache.loader
-        if loader is not None and loader.busy(match):  # its pages are on their way
-            match = await loader.wait_for_others(match, self._rematch)
+        if loader is not None and match.host_hit_length:
+            match = await self._loadable(match)
         indices = match.device_indices
         device_tokens = indices.numel()
         loaded_tokens = 0
         if match.host_hit_length and loader is not None:
-            loaded = await loader.load(match)
-            loaded_tokens = loaded.loaded_tokens
-            if loaded_tokens:
+            loaded = None
+            with cache.health.contain("load"):  # a failed copy (rolled back) is a miss
+                loaded = await loader.load(match)
+            loaded_tokens = loaded.loaded_tokens if loaded is not None else 0
+            if loaded is not None and loaded_tokens:
                 # The loaded nodes are now device-resident: hold them for the model.
                 cache.tree.lock(loaded.last_node)
                 self._release_device_lock()
@@ -305,6 +315,8 @@ class Session:
         L1 pool's device."""
         if self.state is not _MATCHED:
             self._expect(_MATCHED)
+        if self._cache.state is not _OPEN:
+            self._cache._check_open()
         if n_tokens < 0:
             raise LayoutError(f"cannot allocate {n_tokens} tokens")
         cache = self._cache
@@ -330,6 +342,8 @@ class Session:
         tokens were cached by another request meanwhile (their duplicate slots are freed)."""
         if self.state is not _MATCHED:
             self._expect(_MATCHED)
+        if self._cache.state is not _OPEN:
+            self._cache._check_open()
         hit = self._hit or await self.load()
         cache = self._cache
         size = cache.page_size
@@ -341,6 +355,7 @@ class Session:
         new = new_slots  # what allocate() handed out is on the tree's device already
         if new_slots is not self._handed:
             new = new_slots.to(hit_indices.device)
+            self._check_own(new)
         fresh = bool(hit.length)  # a concatenation is ours alone: the tree may keep views of it
         slots = torch.cat([hit_indices, new]) if fresh else new
         n = slots.numel()
@@ -398,6 +413,22 @@ class Session:
             return 0
         return (present if present < end else end) - start
 
+    def _check_own(self, slots: torch.Tensor) -> None:
+        """Refuse slots on pages this session did not allocate: the tree would own a page
+        another session (or the allocator) also owns, and both would free it."""
+        if not slots.numel():
+            return
+        if slots.dtype != torch.int64 or slots.dim() != 1:
+            raise LayoutError(f"slots must be a 1-D int64 tensor, got {slots.dtype} {slots.shape}")
+        pages = torch.unique(slots.cpu() // self._cache.page_size)
+        allocated = self._allocated
+        if allocated is None or not bool(torch.isin(pages, allocated).all()):
+            raise HiCacheError(
+                "commit() takes the slots this session's allocate() returned (or a part of "
+                "them); these include pages it does not hold. Use the tree's insert() for "
+                "slots allocated elsewhere"
+            )
+
     def _give_to_tree(self, new: torch.Tensor, start: int, present: int, end: int) -> None:
         """The tree now owns ``new``'s whole pages in ``[max(start, present), end)``; slots
         another request cached first (``[start, present)``) and the partial tail stay ours to
@@ -421,6 +452,39 @@ class Session:
                 self._allocated = None
             elif len(kept) < allocated.numel():
                 self._allocated = allocated[torch.tensor(kept, dtype=torch.int64)]
+
+    async def _loadable(self, match: MatchResult) -> MatchResult:
+        """Match again until the host part can be loaded now: a part another request is
+        loading is waited for (its pages are on their way); a part that reached L1 since
+        the match (another load, a recompute) is matched again at once, never waited on (the
+        load that would wake it may never come). Then make L1 room for it: under
+        ``write_back`` the victims are backed up first."""
+        cache = self._cache
+        loader = cache.loader
+        assert loader is not None
+        waited = room_made = stale = False
+        while match.host_hit_length:
+            part = loader.host_part(match)
+            if part is HostPart.STALE:
+                if stale:  # a fresh match's host part holds HOST and LOADING nodes only
+                    raise IndexStateError(f"a fresh match's host part is not on host: {match}")
+                stale = True
+                match = self._rematch()
+                continue
+            stale = False
+            if part is HostPart.IN_FLIGHT:
+                if not waited:
+                    waited = True
+                    loader.count_wait()
+                await loader.wait_settled()
+                match = self._rematch()
+                continue
+            pages = match.host_hit_length // cache.page_size
+            if room_made or pages <= cache._device_allocator.available:
+                return match
+            room_made = True  # once: what L1 cannot free then, the load skips
+            await cache.ensure_device_room(pages)
+        return match
 
     def _after_prefetch(self, result: PrefetchResult) -> None:
         if result.arrived_pages:
@@ -508,6 +572,7 @@ class _BackgroundPrefetch:
         self.control = PrefetchControl()
         self.done = anyio.Event()
         self.result: PrefetchResult | None = None
+        self.error: AgreementError | None = None  # raised again by the session's load()
         tree = session._cache.tree
         tree.lock(self.match.last_device_node)
         tree.lock_host(self.match.last_host_node)
@@ -516,9 +581,15 @@ class _BackgroundPrefetch:
         cache = self.session._cache
         assert cache.prefetcher is not None
         try:
-            self.result = await cache.prefetcher.fetch(
-                self.session.key, self.match, control=self.control, tag=self.session._round_tag()
-            )
+            with cache.health.contain("prefetch"):  # a miss for this request, not the end
+                self.result = await cache.prefetcher.fetch(
+                    self.session.key,
+                    self.match,
+                    control=self.control,
+                    tag=self.session._round_tag(),
+                )
+        except AgreementError as exc:  # the ranks fell out of step: the request must know
+            self.error = exc
         finally:
             cache.tree.unlock_host(self.match.last_host_node)
             cache.tree.unlock(self.match.last_device_node)

@@ -249,21 +249,25 @@ def test_insert_copies_the_callers_slots() -> None:
     assert tree.match_prefix(RadixKey([1, 2, 3])).device_indices.tolist() == [0, 1, 2]
 
 
-def test_insert_through_a_loading_node() -> None:
+def test_insert_stops_at_a_loading_node() -> None:
+    """Nothing below a LOADING node may hold device pages (its load may roll back to HOST):
+    an insert through it stops there and counts the rest as cached, for the caller to free."""
     tree = RadixTree(page_size=1)
-    tree.insert_host(RadixKey([1, 2]), slots(100, 2))
-    node = tree.match_prefix(RadixKey([1, 2])).last_host_node
+    tree.insert_host(RadixKey([1, 2, 3]), slots(100, 3))
+    node = tree.match_prefix(RadixKey([1, 2])).last_host_node  # splits off [3]: a HOST child
     tree.lock(node)
     tree.start_load(node, slots(0, 2))
-    # another request recomputed [1, 2] and adds [3]: the loading copy counts as cached
-    assert tree.insert(RadixKey([1, 2, 3]), slots(10, 3)) == 2
-    r = tree.match_prefix(RadixKey([1, 2, 3]))
-    assert (r.device_hit_length, r.host_hit_length) == (0, 2)  # nothing below a load yet
+    # another request recomputed [1, 2, 3] and adds [4]: nothing of it goes in
+    assert tree.insert(RadixKey([1, 2, 3, 4]), slots(10, 4)) == 4
+    r = tree.match_prefix(RadixKey([1, 2, 3, 4]))
+    assert (r.device_hit_length, r.host_hit_length) == (0, 3)  # [3] was not adopted
     tree.check()
-    with pytest.raises(IndexStateError, match="below"):
-        tree.cancel_load(node)
+    assert tree.cancel_load(node).tolist() == [0, 1]  # the rollback holds
+    tree.check()
+    tree.start_load(node, slots(0, 2))
     tree.finish_load(node)
-    assert tree.match_prefix(RadixKey([1, 2, 3])).device_indices.tolist() == [0, 1, 12]
+    assert tree.insert(RadixKey([1, 2, 3, 4]), slots(10, 4)) == 2  # now it goes in below
+    assert tree.match_prefix(RadixKey([1, 2, 3, 4])).device_indices.tolist() == [0, 1, 12, 13]
     tree.unlock(node)
     tree.check()
 

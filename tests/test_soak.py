@@ -27,16 +27,10 @@ from hicache_async.testing.soak import BAD_KINDS, FAULT_KINDS, SoakOptions, run_
 
 # Fault kinds the soak finds still broken (each has an xfail reproduction in
 # test_soak_findings.py); left out of the CI runs until their fixes land, then put back.
-KNOWN_BROKEN_FAULTS = {
-    "copy_fail": "test_failed_backup_copy_is_counted_and_the_cache_goes_on",
-}
-KNOWN_BROKEN_BAD = {
-    "foreign_slots": "test_commit_of_another_sessions_slots_is_refused",
-}
+KNOWN_BROKEN_FAULTS: dict[str, str] = {}
+KNOWN_BROKEN_BAD: dict[str, str] = {}
 # Checks the soak makes that still fail without any fault (reported, not asserted here).
-KNOWN_BROKEN_CHECKS = {
-    "lost_pages": "test_write_back_room_never_evicts_a_page_it_did_not_back_up",
-}
+KNOWN_BROKEN_CHECKS: dict[str, str] = {}
 CI_FAULTS = frozenset(FAULT_KINDS) - set(KNOWN_BROKEN_FAULTS)
 CI_BAD = frozenset(BAD_KINDS) - set(KNOWN_BROKEN_BAD)
 CI_SECONDS = 13.0
@@ -47,6 +41,8 @@ def assert_clean(report: dict[str, Any]) -> None:
     assert report["wrong_bytes"] == 0, report["wrong_hits"]
     assert report["leaked_pages"] == 0, report["invariant_failures"]
     assert report["cache_deaths"] == 0, report["errors"]
+    assert report["accepted_bad_requests"] == 0, report["bad_requests"]
+    assert report["unexpected_errors"] == {}, report["errors"]
     failures = [f for f in report["invariant_failures"] if f["check"] not in KNOWN_BROKEN_CHECKS]
     assert failures == []
     assert report["resources"]["bounded"], report["resources"]

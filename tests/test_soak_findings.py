@@ -1,8 +1,8 @@
 """Defects the chaos soak found, each as a minimal deterministic reproduction.
 
-Each test states the promise the runtime must keep and is marked ``xfail(strict=True)`` until
-the owner of the code lands the fix: then it passes, the strict xfail turns red, and the mark
-(and the fault kind's exclusion in ``test_soak.py``) is removed.
+Each test states the promise the runtime must keep. Each failed on the code the soak found it
+in; a new finding goes in as ``xfail(strict=True)`` until its fix lands (the strict mark then
+turns red and is removed, with the fault kind's exclusion in ``test_soak.py``).
 """
 
 from __future__ import annotations
@@ -56,12 +56,6 @@ def assert_index_intact(cache: HiCache) -> None:
     assert cache.l1.allocator.used == tree.total_size(RadixTier.DEVICE) // ps
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 defect 2: a TransferError from a D2H backup copy escapes the backup "
-    "worker and kills the cache's task group (soak: cache_deaths with copy_fail faults; "
-    "requests then see anyio.BrokenResourceError from commit)",
-)
 async def test_failed_backup_copy_is_counted_and_the_cache_goes_on() -> None:
     async with HiCache.open(config()) as cache:
         assert cache.l1.engine is not None
@@ -74,11 +68,6 @@ async def test_failed_backup_copy_is_counted_and_the_cache_goes_on() -> None:
         assert_index_intact(cache)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 defect 6: session B's commit of session A's slots is accepted; the "
-    "tree then owns a device page twice (soak: wrong_bytes, leaked_pages, tree_check)",
-)
 async def test_commit_of_another_sessions_slots_is_refused() -> None:
     other = [*PROMPT[:-4], 7, 7, 7, 7]
     kv = expected_kv(LAYOUT, prefix_hashes(PROMPT, None))
@@ -92,15 +81,11 @@ async def test_commit_of_another_sessions_slots_is_refused() -> None:
                 with pytest.raises(HiCacheError):
                     await b.commit(slots)
             await a.commit(slots)
+        await cache.drain()  # write_through: A's backup holds its pages until copied
         assert_index_intact(cache)
         assert await serve(cache, PROMPT) == len(PROMPT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 defect 6: load() after the session exited returns its old hit, whose "
-    "pages are no longer held (soak: bad request load_after_exit accepted)",
-)
 async def test_load_after_exit_is_refused() -> None:
     async with HiCache.open(config()) as cache:
         await serve(cache, PROMPT)
@@ -124,13 +109,6 @@ class GatedEngine(FaultyTransferEngine):
         await super().backup_pages(device_pages, host_pages)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 defect 4 (the ensure_device_room path too): under write_back, "
-    "ensure_device_room backs up the victims it sees, awaits the copy, then evicts by the "
-    "policy again; a prefix unlocked meanwhile (older in LRU order) is evicted with no copy "
-    "anywhere (soak: lost_pages, from the KV-event ledger)",
-)
 async def test_write_back_room_never_evicts_a_page_it_did_not_back_up() -> None:
     prompt_a, prompt_b, prompt_c = PROMPT[:16], PROMPT[16:48], list(range(5000, 5032))
     async with HiCache.open(
@@ -153,12 +131,6 @@ async def test_write_back_room_never_evicts_a_page_it_did_not_back_up() -> None:
         assert match.device_hit_length + match.host_hit_length == len(prompt_a), "A was lost"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request still open when its cache closes gets anyio.ClosedResourceError from "
-    "commit() (the backup queue's stream is closed), not a HiCacheError (ClosedError); the "
-    "soak sees the same raw anyio error (BrokenResourceError) once the backup worker died",
-)
 async def test_commit_after_the_cache_closed_is_a_closed_error() -> None:
     kv = expected_kv(LAYOUT, prefix_hashes(PROMPT, None))
     cache = HiCache(config())

@@ -7,7 +7,13 @@ The tree runs on the event loop thread (synchronous, no locks): :class:`RadixTre
 from __future__ import annotations
 
 from hicache_async.radix.hashing import hash_pages, page_hashes
-from hicache_async.radix.key import TOKEN_BYTES, RadixInputError, RadixKey, tokens_to_bytes
+from hicache_async.radix.key import (
+    TOKEN_BYTES,
+    RadixInputError,
+    RadixKey,
+    check_token_ids,
+    tokens_to_bytes,
+)
 from hicache_async.radix.node import EvictResult, MatchResult, NodeState, Tier, TreeNode
 from hicache_async.radix.policy import POLICIES, EvictionStrategy, make_policy
 from hicache_async.radix.tiers import RadixTree
@@ -24,6 +30,7 @@ __all__ = [
     "RadixTree",
     "Tier",
     "TreeNode",
+    "check_token_ids",
     "hash_pages",
     "make_policy",
     "page_hashes",

@@ -20,11 +20,21 @@ import torch
 
 from hicache_async.errors import HiCacheError
 
-__all__ = ["TOKEN_BYTES", "RadixInputError", "RadixKey", "TokenIds", "tokens_to_bytes"]
+__all__ = [
+    "TOKEN_BYTES",
+    "TOKEN_ID_MAX",
+    "RadixInputError",
+    "RadixKey",
+    "TokenIds",
+    "check_token_ids",
+    "tokens_to_bytes",
+]
 
 TOKEN_BYTES = 8  # one token id = int64, little-endian
 _I64 = np.dtype("<i8")
 _I64_MAX = 2**63 - 1
+_U64 = np.dtype("<u8")
+TOKEN_ID_MAX = 2**31 - 1  # page hashes (L3 keys, KV events) narrow ids to int32
 _NATIVE_LE = sys.byteorder == "little"
 _INT_DTYPES = frozenset(
     {
@@ -133,6 +143,32 @@ def tokens_to_bytes(token_ids: TokenIds) -> bytes:
     return ids.tobytes() if _NATIVE_LE else _from_numpy(np.frombuffer(ids, dtype=np.int64))
 
 
+def check_token_ids(data: KeyBytes) -> None:
+    """Refuse int64-LE token bytes holding an id outside ``[0, 2**31)``: no vocabulary has
+    such ids, and page hashes (L3 keys, KV events) narrow ids to int32, so one would fail
+    later, inside a background task, instead of at the request that carries it."""
+    ids = np.frombuffer(data, dtype=_U64)
+    # One pass: viewed unsigned, a negative id is above every valid one.
+    if ids.size and int(ids.max()) > TOKEN_ID_MAX:
+        signed = np.frombuffer(data, dtype=_I64)
+        where = np.flatnonzero((signed < 0) | (signed > TOKEN_ID_MAX))
+        raise RadixInputError(
+            f"token ids must be in [0, 2**31); got {int(signed[where[0]])} at position "
+            f"{int(where[0])} ({where.size} such ids)"
+        )
+
+
+def _check_extra_key(extra_key: object) -> None:
+    if not isinstance(extra_key, str):
+        raise RadixInputError(f"extra_key must be a str or None, got {type(extra_key).__name__}")
+    try:
+        extra_key.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate: no hash, no L3 key can hold it
+        raise RadixInputError(
+            f"extra_key must be encodable as UTF-8 (it names the namespace's L3 keys): {exc}"
+        ) from None
+
+
 class RadixKey:
     """Token ids plus an optional namespace (``extra_key``: tenant, LoRA id, cache salt, ...).
 
@@ -153,10 +189,8 @@ class RadixKey:
     def __init__(
         self, token_ids: TokenIds, extra_key: str | None = None, *, copy: bool = True
     ) -> None:
-        if extra_key is not None and not isinstance(extra_key, str):
-            raise RadixInputError(
-                f"extra_key must be a str or None, got {type(extra_key).__name__}"
-            )
+        if extra_key is not None:
+            _check_extra_key(extra_key)
         view = None if copy else _view(token_ids)
         self.data = tokens_to_bytes(token_ids) if view is None else view
         self.extra_key = extra_key

@@ -46,13 +46,17 @@ class RadixTree(RadixTreeBase):
             return empty
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).long()
 
-    def evict(self, n_pages: int, keep_host: bool = True) -> EvictResult:
+    def evict(
+        self, n_pages: int, keep_host: bool = True, *, keep_unbacked: bool = False
+    ) -> EvictResult:
         """Evict up to ``n_pages`` device pages from unlocked device leaves, policy order.
 
         A node that also has a host copy becomes host-only when ``keep_host``; otherwise (or
         when it has no host copy) it leaves the tree with any host-only nodes below it, whose
         host slots are returned too. Nodes whose removal would drop a host-locked copy are
-        skipped. The caller frees ``device_pages`` / ``host_pages``.
+        skipped, and so are nodes with no host copy when ``keep_unbacked`` (``write_back``:
+        those must be backed up first, or their KV would be lost from every tier). The caller
+        frees ``device_pages`` / ``host_pages``.
         """
         need = n_pages * self.page_size
         done = 0
@@ -66,7 +70,7 @@ class RadixTree(RadixTreeBase):
             if node is None:
                 break
             drop = not (keep_host and node.state is _BOTH)
-            if drop and node.host_lock_ref:
+            if drop and (node.host_lock_ref or (keep_unbacked and node.state is _DEVICE)):
                 skipped.append(node)
                 continue
             n = node.num_tokens

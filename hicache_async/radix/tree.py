@@ -370,12 +370,13 @@ class RadixTreeBase:
         return self._wide_buf.startswith(data[off : off + n * TOKEN_BYTES])
 
     def _walk_for_insert(
-        self, key: RadixKey, priority: int
+        self, key: RadixKey, priority: int, *, device: bool = True
     ) -> tuple[TreeNode, int, int, list[tuple[TreeNode, int]]]:
         """Follow ``key`` down, splitting where it diverges inside a node.
 
         Returns (deepest matched node, matched bytes, aligned end, and the host-only nodes
-        passed with the byte offset where each starts)."""
+        passed with the byte offset where each starts). A ``device`` insert stops above a
+        ``LOADING`` node and returns the aligned end as matched (see :meth:`insert`)."""
         pb = self._pb
         data = memoryview(key.data)  # slices below are views, never copies
         end = len(data) // pb * pb
@@ -388,6 +389,10 @@ class RadixTreeBase:
             child = node.children.get(bytes(data[off : off + pb]))
             if child is None:
                 break
+            if device and child.state is _LOADING:
+                # A load is moving it to L1 and may yet roll back to HOST, which it could not
+                # do with device pages below it: the rest of the key is left to the load.
+                return node, end, end, []
             ck = child.tokens
             nb = len(ck) * TOKEN_BYTES
             cut = nb > end - off
@@ -424,7 +429,9 @@ class RadixTreeBase:
         offset``); the tree keeps one page index per page. Returns the number of leading tokens
         whose device copy was already cached: the caller frees its own duplicate slots for them
         (and the slots of a partial last page). Host-only nodes on the path adopt the caller's
-        slots (the KV was recomputed) and become BOTH; new nodes are DEVICE. ``copy=False`` (page
+        slots (the KV was recomputed) and become BOTH; new nodes are DEVICE. Where the key
+        passes a node a load is moving to L1 (``LOADING``), the insert stops: that node and the
+        rest count as cached. ``copy=False`` (page
         size 1) keeps views of ``device_indices`` instead of copies: for a caller that hands over
         a tensor it never writes again (a fresh allocation). Larger pages always keep a new
         tensor of page indices.
@@ -551,7 +558,7 @@ class RadixTreeBase:
         """Insert pages that arrived on host (from L3). Returns the tokens already in the tree
         (any tier): the caller frees its duplicate host slots for them."""
         check_indices(host_indices, len(key), "host_indices")
-        node, off, end, _ = self._walk_for_insert(key, priority)
+        node, off, end, _ = self._walk_for_insert(key, priority, device=False)
         if off < end:
             part = host_indices[off // TOKEN_BYTES : end // TOKEN_BYTES]
             pages = self._own_pages(part, copy, "host_indices")

@@ -28,14 +28,21 @@ class DeviceTier(PagedTier):
         *,
         host_allocator: PagedAllocator | None = None,
         headroom: float = 0.0,
+        keep_unbacked: bool = False,
     ) -> None:
         super().__init__(allocator, page_size, headroom)
         self.tree, self.hub = tree, hub
         self._host_allocator = host_allocator  # frees host pages of nodes eviction removes
+        # write_back: a page with no host copy is never evicted here (it would be lost from
+        # every tier); HiCache.ensure_device_room backs such victims up first, then evicts.
+        self.keep_unbacked = keep_unbacked
 
     def evict(self, n_pages: int, *, keep_host: bool = True, emit: bool = True) -> int:
-        """Evict up to ``n_pages`` device pages; returns how many were freed."""
-        result = self.tree.evict(n_pages, keep_host=keep_host)
+        """Evict up to ``n_pages`` device pages; returns how many were freed. ``keep_host=False``
+        (clearing the cache) drops every unlocked page, backed up or not."""
+        result = self.tree.evict(
+            n_pages, keep_host=keep_host, keep_unbacked=keep_host and self.keep_unbacked
+        )
         self.free_pages(result.device_pages)
         if result.host_pages.numel():
             assert self._host_allocator is not None, "removed host copies without an L2"

@@ -28,6 +28,7 @@ import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from hicache_async.events import BlockStored, EventHub, StorageMedium
+from hicache_async.health import Health
 from hicache_async.metrics import Counters, Transition
 from hicache_async.radix import RadixTree, TreeNode
 from hicache_async.storage import HiCacheStorage
@@ -65,12 +66,14 @@ class WriteBack:
         batch_pages: int = 64,
         deadline_s: float = 30.0,
         agree: Callable[[int, Sequence[int]], Awaitable[list[int] | None]] | None = None,
+        health: Health | None = None,
     ) -> None:
         self.tree, self.storage, self.counters, self.hub = tree, storage, counters, hub
         self.medium = medium
         self.batch_pages = batch_pages
         self.deadline_s = deadline_s
         self._agree = agree
+        self.health = health or Health()  # a failed batch or release: counted, not raised
         send, receive = anyio.create_memory_object_stream[WriteJob](max_buffer_size=max_jobs)
         self._jobs: tuple[MemoryObjectSendStream[WriteJob], MemoryObjectReceiveStream[WriteJob]]
         self._jobs = (send, receive)
@@ -128,7 +131,9 @@ class WriteBack:
         async with send_done, jobs:
             async for first in jobs:
                 batch = [first, *self._more(len(first.keys))]
-                flags = await self._store(batch)
+                flags = [False] * sum(len(job.keys) for job in batch)
+                with self.health.contain("write_back"):  # nothing stored; released below
+                    flags = await self._store(batch)
                 offset = 0
                 for job in batch:
                     n = len(job.keys)
@@ -175,15 +180,8 @@ class WriteBack:
         async with self._done[1]:
             async for job, flags in self._done[1]:
                 try:
-                    stored = leading(flags)
-                    if self._agree is not None:
-                        # Tagged by the job's first page: jobs land in another order on
-                        # another rank when backups did, and then none counts as stored.
-                        tag = zlib.crc32(job.keys[0].encode()) if job.keys else 0
-                        agreed = await self._agree(tag, [stored])
-                        stored = agreed[0] if agreed is not None else 0
-                    if stored and job.event is not None:
-                        self._emit(job.event, stored)
+                    with self.health.contain("release"):  # the unlock below always runs
+                        await self._acknowledge(job, flags)
                 finally:
                     self.tree.unlock_host(job.node)
                     self.pending.done()
@@ -192,6 +190,18 @@ class WriteBack:
                         self.on_release()
                     except Exception:  # the release queue must keep releasing
                         log.exception("a callback after an L3 write's release failed")
+
+    async def _acknowledge(self, job: WriteJob, flags: list[bool]) -> None:
+        """Agree how many of ``job``'s pages were stored and announce them."""
+        stored = leading(flags)
+        if self._agree is not None:
+            # Tagged by the job's first page: jobs land in another order on another rank
+            # when backups did, and then none counts as stored.
+            tag = zlib.crc32(job.keys[0].encode()) if job.keys else 0
+            agreed = await self._agree(tag, [stored])
+            stored = agreed[0] if agreed is not None else 0
+        if stored and job.event is not None:
+            self._emit(job.event, stored)
 
     def _emit(self, event: BlockStored, pages: int) -> None:
         size = self.tree.page_size
