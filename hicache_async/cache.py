@@ -30,7 +30,7 @@ from anyio.abc import TaskGroup
 from hicache_async._state import OPEN as _OPEN
 from hicache_async._state import CacheState
 from hicache_async.config import HiCacheConfig, WritePolicy
-from hicache_async.errors import ClosedError, HiCacheError
+from hicache_async.errors import ClosedError, HiCacheError, IndexStateError
 from hicache_async.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -64,7 +64,7 @@ from hicache_async.radix import Tier as RadixTier
 from hicache_async.session import Session
 from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, create_storage
 from hicache_async.tiers._events import stored_event
-from hicache_async.tiers._l1 import build_l1
+from hicache_async.tiers._l1 import EngineWrapper, build_l1
 from hicache_async.tiers._pending import Pending
 from hicache_async.tiers._span import span_chain
 from hicache_async.tiers.backup import Backup, BackupJob
@@ -97,6 +97,7 @@ class HiCache:
         process_group: dist.ProcessGroup | None = None,
         model_name: str | None = None,
         drain_timeout: float = 10.0,
+        wrap_engine: EngineWrapper | None = None,
     ) -> None:
         self.config = config
         self.layout = config.layout
@@ -117,7 +118,7 @@ class HiCache:
             self.host_tier = HostTier(
                 self.tree, self.host_pool, self.hub, headroom=config.eviction_headroom
             )
-        self.l1 = build_l1(config, device, self.host_pool)
+        self.l1 = build_l1(config, device, self.host_pool, wrap_engine)
         self.device_pool = self.l1.pool
         # Read on every request, so kept as plain attributes: the allocator pages come from is
         # on the CPU, so slots move only when L1 is elsewhere; write_through_selective counts
@@ -283,6 +284,12 @@ class HiCache:
         finally:
             with anyio.CancelScope(shield=True):
                 if self.storage is not None:
+                    if self.storage.stats.threads_stuck:  # nothing to wait for: say so
+                        log.warning(
+                            "closing with %d L3 worker threads still stuck in blocking calls; "
+                            "they are left behind (the process may not exit until they return)",
+                            self.storage.stats.threads_stuck,
+                        )
                     await self.storage.aclose()
             self.hub.close()
             self.state = CacheState.CLOSED
@@ -313,6 +320,36 @@ class HiCache:
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "state", None) is CacheState.OPEN:
             _warn(f"{self!r} was never closed", ResourceWarning, stacklevel=1, source=self)
+
+    def check(self) -> None:
+        """Verify the index and the pools agree; call once every request has ended and
+        :meth:`drain` returned. Raises :class:`IndexStateError` naming what is off: the
+        tree's invariants (a full recount), a lock still held, a page allocated that no node
+        holds (leaked) or held by no allocation."""
+        tree, ps = self.tree, self.page_size
+        tree.check()
+        problems = []
+        for tier, allocator, extra in self._pools():
+            locked = tree.protected_size(tier) // ps
+            if locked:
+                problems.append(f"{locked} {tier.value} pages still locked")
+            held = tree.total_size(tier) // ps + extra
+            if allocator.used != held:
+                problems.append(
+                    f"{tier.value} allocator has {allocator.used} pages in use, the tree and "
+                    f"in-flight work hold {held}"
+                )
+        if problems:
+            raise IndexStateError("; ".join(problems))
+
+    def _pools(self) -> list[tuple[RadixTier, PagedAllocator, int]]:
+        """(tier, allocator, pages in use outside the tree) per tier: a prefetch's pages are
+        reserved before they are inserted, and quarantined ones until their thread returns."""
+        pools = [(RadixTier.DEVICE, self.l1.allocator, 0)]
+        if self.host_pool is not None:
+            inflight = self.prefetcher.inflight_pages if self.prefetcher is not None else 0
+            pools.append((RadixTier.HOST, self.host_pool.allocator, inflight))
+        return pools
 
     def _l3_removed(self, keys: list[str]) -> None:
         """The backend dropped pages by itself (its capacity): tell the routers."""
@@ -574,6 +611,8 @@ class HiCache:
         storage = StorageStats(
             errors=snapshot.storage.errors + backend.error_count,
             corrupt_pages=snapshot.storage.corrupt_pages + backend.errors.get("corrupt", 0),
+            threads_left_behind=backend.threads_left_behind,
+            threads_stuck=backend.threads_stuck,
         )
         return snapshot.model_copy(update={"storage": storage})
 

@@ -153,6 +153,10 @@ class StorageStats(_Frozen):
 
     errors: int = 0
     corrupt_pages: int = 0
+    # Worker threads a cut call left stuck in a blocking call (their pages quarantined until
+    # they return): how many ever were, and how many still are.
+    threads_left_behind: int = 0
+    threads_stuck: int = 0
 
 
 class QueueStats(_Frozen):

@@ -82,7 +82,14 @@ class StatsCollector(Collector):
         errors.add_metric([], s.storage.errors)
         corrupt = counter("corrupt_pages", "L3 pages that failed their check (never used)")
         corrupt.add_metric([], s.storage.corrupt_pages)
-        yield from (errors, corrupt)
+        left = counter(
+            "storage_threads_left_behind",
+            "L3 worker threads a cut call left stuck in a blocking call",
+        )
+        left.add_metric([], s.storage.threads_left_behind)
+        stuck = gauge("storage_threads_stuck", "L3 worker threads stuck now (pages quarantined)")
+        stuck.add_metric([], s.storage.threads_stuck)
+        yield from (errors, corrupt, left, stuck)
 
         depth = gauge("queue_depth", "Items waiting in a bounded queue", ("queue",))
         for queue, q in s.queues.items():

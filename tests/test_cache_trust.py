@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from hicache_async import HiCache, HiCacheConfig, KVLayout
-from hicache_async.errors import CapacityError, HiCacheError, TransferError
+from hicache_async.errors import CapacityError, HiCacheError, IndexStateError, TransferError
 from hicache_async.metrics import Transition
 from hicache_async.radix import NodeState
 from hicache_async.radix import Tier as RadixTier
+from hicache_async.testing.faults import FaultyTransferEngine
+from hicache_async.transfer import TransferEngine
 
 from .test_cache_e2e import assert_kv, serve, write_kv
 from .test_cache_load_wait import assert_settled, gate_loads
@@ -247,3 +249,43 @@ async def test_load_after_the_session_ended_is_refused() -> None:
         with pytest.raises(HiCacheError, match="closed"):
             s.allocate(4)
         await settled(cache)
+
+
+# -- the invariant check users and the soak share -----------------------------------------------
+
+
+async def test_check_names_a_leaked_page_and_a_held_lock() -> None:
+    async with HiCache.open(config()) as cache:
+        await serve(cache, PROMPT)
+        await cache.drain()
+        cache.check()  # idle: consistent
+        leaked = cache.l1.allocator.alloc(1)
+        assert leaked is not None
+        with pytest.raises(IndexStateError, match="device allocator"):
+            cache.check()
+        cache.l1.allocator.free(leaked)
+        node = cache.tree.match_prefix(cache.key(PROMPT)).last_device_node
+        cache.tree.lock(node)
+        with pytest.raises(IndexStateError, match="locked"):
+            cache.check()
+        cache.tree.unlock(node)
+        cache.check()
+
+
+async def test_a_wrapped_engine_carries_every_copy() -> None:
+    """``HiCache(config, wrap_engine=...)`` builds the tiers on the wrapped engine."""
+    wrapped: list[FaultyTransferEngine] = []
+
+    def wrap(inner: TransferEngine) -> TransferEngine:
+        wrapped.append(FaultyTransferEngine(inner, fail_rate=1.0, slow_rate=0.0))
+        return wrapped[-1]
+
+    async with HiCache.open(config(), wrap_engine=wrap) as cache:
+        assert cache.loader is not None
+        assert cache.backup is not None
+        assert cache.loader.engine is cache.backup.engine is wrapped[0]
+        await serve(cache, PROMPT)
+        await cache.drain()
+        assert wrapped[0].failed >= 1  # the backup went through it, and failed
+        assert cache.stats().background_failures["backup"] >= 1
+        cache.check()

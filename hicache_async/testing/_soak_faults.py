@@ -19,6 +19,7 @@ from hicache_async.testing.faults import (
     SlowStorage,
     StallingStorage,
 )
+from hicache_async.transfer import TransferEngine
 
 __all__ = ["FAULT_KINDS", "SegmentFaults", "install_faulty_engine"]
 
@@ -36,10 +37,10 @@ FAULT_KINDS = (
 
 
 def install_faulty_engine(cache: HiCache, engine: FaultyTransferEngine) -> None:
-    """Make ``cache``'s tiers copy through ``engine`` (which wraps ``cache.l1.engine``).
+    """Make an open ``cache``'s tiers copy through ``engine`` (which wraps ``cache.l1.engine``).
 
-    A stopgap: the tiers hold the engine as plain attributes, so it is swapped in each of
-    them; call it right after the cache opened, before any request."""
+    For tests that decide on a fault after the cache was built; otherwise pass
+    ``HiCache(config, wrap_engine=...)``, which builds the tiers on the wrapped engine."""
     cache.l1.engine = engine
     if cache.loader is not None:
         cache.loader.engine = engine
@@ -85,19 +86,20 @@ class SegmentFaults:
             )
         return storage
 
-    def install(self, cache: HiCache) -> None:
-        """Put the faulty copy engine into ``cache`` (when copy faults are on)."""
+    def wrap_engine(self, inner: TransferEngine) -> TransferEngine:
+        """The engine the cache's tiers copy through: ``inner``, faulty when copy faults are
+        on (``HiCache(config, wrap_engine=faults.wrap_engine)``)."""
         fail, slow = "copy_fail" in self.kinds, "copy_slow" in self.kinds
-        if not (fail or slow) or cache.l1.engine is None:
-            return
+        if not (fail or slow):
+            return inner
         self.engine = FaultyTransferEngine(
-            cache.l1.engine,
+            inner,
             fail_rate=self.rng.uniform(0.01, 0.06) if fail else 0.0,
             slow_rate=self.rng.uniform(0.05, 0.2) if slow else 0.0,
             delay=self.rng.uniform(0.001, 0.01),
             seed=self.rng.randrange(2**32),
         )
-        install_faulty_engine(cache, self.engine)
+        return self.engine
 
     async def control(self) -> None:
         """Outages, pauses and releases at random moments, until cancelled."""

@@ -209,13 +209,16 @@ class _Run:
             "write_policy": write.value,
             "requests_before": self.tally.requests,
         }
-        options: dict[str, Any] = {"storage": self.storage(config, faults), "drain_timeout": 5.0}
+        options: dict[str, Any] = {
+            "storage": self.storage(config, faults),
+            "drain_timeout": 5.0,
+            "wrap_engine": faults.wrap_engine,
+        }
         if "model_name" not in HiCacheConfig.model_fields:
             options["model_name"] = MODEL_NAME
         watch = Watch(self.options.hang_after_s)
         try:
             async with HiCache.open(config, **options) as cache, cache.events(1 << 20) as events:
-                faults.install(cache)
                 if self.options.instrument is not None:
                     self.options.instrument(cache)
                 wave = self.options.waves and index % 2 == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ from hicache_async.memory.device_pool import DeviceKVPool
 from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.transfer import EventPoller, TransferEngine, make_transfer_engine
 
-__all__ = ["L1", "build_l1"]
+__all__ = ["L1", "EngineWrapper", "build_l1"]
 
 
 @dataclass
@@ -33,11 +34,23 @@ class L1:
         await tg.start(self.poller.run)
 
 
-def build_l1(config: HiCacheConfig, device: torch.device, host: HostKVPool | None) -> L1:
-    """The device pool of ``config`` on ``device``, and its engine to ``host``."""
+EngineWrapper = Callable[[TransferEngine], TransferEngine]
+"""Wraps the transfer engine the tiers copy through (fault injection, tracing)."""
+
+
+def build_l1(
+    config: HiCacheConfig,
+    device: torch.device,
+    host: HostKVPool | None,
+    wrap_engine: EngineWrapper | None = None,
+) -> L1:
+    """The device pool of ``config`` on ``device``, and its engine to ``host`` (passed through
+    ``wrap_engine`` when given)."""
     pool = DeviceKVPool(config.layout, config.device_pages, device=device)
     poller = EventPoller()
     engine = None
     if host is not None:
         engine = make_transfer_engine(pool, host, poller, io_backend=config.io_backend)
+        if wrap_engine is not None:
+            engine = wrap_engine(engine)
     return L1(pool, poller, engine)
