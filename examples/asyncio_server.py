@@ -64,6 +64,7 @@ class PrefillServer:
 def config(l3_dir: Path, model: TinyCausalLM) -> HiCacheConfig:
     return HiCacheConfig(
         layout=model.kv_layout(page_size=16),
+        model_name="tiny-causal-lm",  # namespaces this model's pages in the shared L3 directory
         device="cpu",
         device_pages=256,
         host_pages=512,

@@ -5,7 +5,8 @@ Register it in your package's ``pyproject.toml`` and it is found by name like th
     [project.entry-points."hicache_async.storage_backends"]
     sqlite = "sqlite_backend:SQLiteStorage"
 
-then ``HiCacheConfig(storage_backend="sqlite", storage_backend_extra_config='{"path": ...}')``.
+then ``HiCacheConfig(model_name=..., storage_backend="sqlite", storage_backend_extra_config=...)``
+(a third-party L3 may be shared, so the cache asks for the model's name).
 ``BlobStorage`` adds the page codec (checksums, layout fingerprint) and the batch contract;
 this class only moves values. SQLite blocks, so every call runs in one worker thread.
 """

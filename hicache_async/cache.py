@@ -148,6 +148,14 @@ class HiCache:
             self.consensus = RankConsensus(process_group, waiter=wait_in_thread)
         agree = self.consensus.agree_round if self.consensus is not None else None
         self.storage = storage
+        if model_name is not None:  # the keyword from before model_name was a config field
+            warnings.warn(
+                "HiCache(model_name=...) is deprecated: set HiCacheConfig(model_name=...) or "
+                "HICACHE_MODEL_NAME (the keyword still overrides the config's model_name)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            self.config = config = config.model_copy(update={"model_name": model_name})
         if self.storage is None and config.storage_enabled:
             rank = dist.get_rank(process_group) if process_group is not None else 0
             size = dist.get_world_size(process_group) if process_group is not None else 1
@@ -159,8 +167,9 @@ class HiCache:
                     is_mla_model=self.layout.use_mla,
                     is_page_first_layout=self.host_pool is not None
                     and self.host_pool.is_page_first,
-                    model_name=model_name,
+                    model_name=config.model_name,
                     extra_config=config.storage_options,
+                    layout_fingerprint=self.layout.fingerprint_digest,
                 ),
             )
         self.write_back: WriteBack | None = None

@@ -38,7 +38,10 @@ def _info(args: argparse.Namespace) -> int:
         config = HiCacheConfig()
     else:
         notes.append("no layout in the environment (HICACHE_LAYOUT__...); showing a Llama-3-8B one")
-        config = HiCacheConfig(layout=_EXAMPLE_LAYOUT)
+        example: dict[str, Any] = {"layout": _EXAMPLE_LAYOUT}
+        if "HICACHE_MODEL_NAME" not in os.environ:  # the file L3 needs one
+            example["model_name"] = "meta-llama/Meta-Llama-3-8B"
+        config = HiCacheConfig(**example)
     report: dict[str, Any] = {
         "version": __version__,
         "python": platform.python_version(),
@@ -88,7 +91,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     from hicache_async.demo.run import DemoOptions, format_report, run_demo
 
-    options = DemoOptions(conversations=args.conversations, turns=args.turns, seed=args.seed)
+    options = DemoOptions(
+        conversations=args.conversations,
+        turns=args.turns,
+        seed=args.seed,
+        model_name=args.model_name,
+    )
     if args.dir is not None:
         options.directory = Path(args.dir)
     if args.fresh and options.directory.exists():
@@ -115,6 +123,7 @@ def _replay(args: argparse.Namespace) -> int:
         l2_pages=args.l2_pages,
         l3=args.l3,
         l3_path=Path(args.l3_path) if args.l3_path else None,
+        model_name=args.model_name,
         eviction_policy=args.eviction_policy,
         write_policy=args.write_policy,
         prefetch_policy=args.prefetch_policy,
@@ -197,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--conversations", type=int, default=24)
     demo.add_argument("--turns", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--model-name",
+        default="hicache-demo-tiny",
+        help="the model's name in the L3 directory's namespace (HiCacheConfig.model_name)",
+    )
     demo.add_argument("--json", action="store_true", help="one JSON document on stdout")
     demo.set_defaults(func=_demo)
 
@@ -207,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--l2-pages", type=int, default=0, help="0 = no L2")
     rep.add_argument("--l3", default="none", help="none, file, memory, redis, ...")
     rep.add_argument("--l3-path", help="directory of the file L3")
+    rep.add_argument(
+        "--model-name",
+        default="replay",
+        help="namespace of the trace's pages in a shared L3 (HiCacheConfig.model_name): "
+        "replays under another name never read these pages",
+    )
     rep.add_argument("--eviction-policy", default="lru")
     rep.add_argument("--write-policy", default="write_through")
     rep.add_argument("--prefetch-policy", default="wait_complete")

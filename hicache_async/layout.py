@@ -7,6 +7,7 @@ Every tier sizes its buffers from one :class:`KVLayout`, and L3 pages carry its
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Mapping
 from typing import Annotated, Any, Self
 
@@ -19,10 +20,11 @@ from pydantic import (
     PlainSerializer,
     ValidationError,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
-from hicache_async._validation import translate
+from hicache_async._validation import refuse_bool, translate
 from hicache_async.errors import LayoutError
 
 __all__ = ["KVLayout", "TorchDType", "dtype_name", "parse_dtype"]
@@ -101,6 +103,19 @@ class KVLayout(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise translate(exc, "KVLayout", LayoutError) from exc
+
+    @field_validator(
+        "num_layers",
+        "num_kv_heads",
+        "head_dim",
+        "page_size",
+        "kv_lora_rank",
+        "qk_rope_head_dim",
+        mode="before",
+    )
+    @classmethod
+    def _no_bool_counts(cls, value: Any) -> Any:
+        return refuse_bool(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -181,6 +196,20 @@ class KVLayout(BaseModel):
             f"{kind}:{dtype_name(self.dtype)}:L{self.num_layers}:H{self.num_kv_heads}"
             f":D{self.head_dim}:P{self.page_size}"
         )
+
+    @property
+    def fingerprint_digest(self) -> str:
+        """16 hex digits that name this geometry in L3 keys (stable across processes).
+
+        A digest of :attr:`fingerprint` and, for MLA, of how the latent splits into
+        ``kv_lora_rank`` and ``qk_rope_head_dim``: two layouts share it only when every field
+        that decides a page's bytes is equal, so with ``HiCacheConfig.model_name`` it keeps
+        another model's (or another dtype's) pages out of this cache's L3 namespace.
+        """
+        text = self.fingerprint
+        if self.use_mla:
+            text += f":R{self.kv_lora_rank}:Q{self.qk_rope_head_dim}"
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
     @classmethod
     def from_hf_config(

@@ -18,12 +18,17 @@ from hicache_async.testing.faults import CorruptingStorage, FlakyStorage, SlowSt
 from .test_cache_e2e import assert_kv, serve
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", page_size=4)
+# What a cache of this model builds, so that a backend made by hand reads the cache's pages.
+SAME_NAMESPACE = HiCacheStorageConfig(
+    model_name="test-model", layout_fingerprint=LAYOUT.fingerprint_digest
+)
 PROMPT = torch.arange(300, 300 + 24 * 4)  # 24 pages
 
 
 def config(tmp_path: Path, **kw: object) -> HiCacheConfig:
     options: dict[str, object] = {
         "layout": LAYOUT,
+        "model_name": "test-model",
         "device": "cpu",
         "device_pages": 64,
         "host_pages": 128,
@@ -61,7 +66,7 @@ def stored(tmp_path: Path) -> Path:
 
 
 def slow_file_storage(path: Path) -> SlowStorage:
-    inner = create_storage("file", HiCacheStorageConfig(), path=str(path))
+    inner = create_storage("file", SAME_NAMESPACE, path=str(path))
     return SlowStorage(inner, delay=0.004, per_page=0.002)
 
 
@@ -92,7 +97,7 @@ async def test_cancel_with_background_and_timed_prefetch(stored: Path, policy: s
 
 
 async def test_flaky_storage_gives_misses_never_wrong_bytes(stored: Path) -> None:
-    inner = create_storage("file", HiCacheStorageConfig(), path=str(stored))
+    inner = create_storage("file", SAME_NAMESPACE, path=str(stored))
     flaky = FlakyStorage(inner, fail_rate=0.5, seed=3)
     async with HiCache.open(config(stored), storage=flaky) as cache:
         hits = []
@@ -112,7 +117,7 @@ async def test_flaky_storage_gives_misses_never_wrong_bytes(stored: Path) -> Non
 
 
 async def test_corrupting_storage_gives_misses_never_wrong_bytes(stored: Path) -> None:
-    inner = create_storage("file", HiCacheStorageConfig(), path=str(stored))
+    inner = create_storage("file", SAME_NAMESPACE, path=str(stored))
     bad = CorruptingStorage(inner, rate=0.3, seed=5)
     async with HiCache.open(config(stored), storage=bad) as cache:
         for _ in range(4):

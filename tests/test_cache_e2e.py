@@ -60,6 +60,7 @@ async def serve(cache: HiCache, tokens: torch.Tensor) -> int:
 def config(layout: KVLayout, host_layout: HostLayout, **kw: object) -> HiCacheConfig:
     options: dict[str, object] = {
         "layout": layout,
+        "model_name": "test-model",
         "device": "cpu",
         "device_pages": 16,
         "host_pages": 64,

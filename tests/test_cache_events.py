@@ -113,6 +113,7 @@ async def test_l3_capacity_removals_are_events(backend: str, tmp_path: object) -
         options["path"] = str(tmp_path)
     config = HiCacheConfig(
         layout=LAYOUT,
+        model_name="test-model",
         device="cpu",
         device_pages=8,
         host_pages=8,

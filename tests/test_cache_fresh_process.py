@@ -43,6 +43,7 @@ def test_a_fresh_process_hits_l3_bit_exact(
     def config(host: HostLayout) -> HiCacheConfig:
         return HiCacheConfig(
             layout=layout,
+            model_name="test-model",
             device="cpu",
             device_pages=16,
             host_pages=32,

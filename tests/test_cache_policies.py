@@ -19,12 +19,17 @@ from hicache_async.tiers.prefetch import PrefetchOutcome
 from .test_cache_e2e import assert_kv, serve
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32", page_size=4)
+# What a cache of this model builds, so that a backend made by hand reads the cache's pages.
+SAME_NAMESPACE = HiCacheStorageConfig(
+    model_name="test-model", layout_fingerprint=LAYOUT.fingerprint_digest
+)
 PROMPT = torch.arange(40, 40 + 24 * 4)  # 24 pages
 
 
 def config(**kw: object) -> HiCacheConfig:
     options: dict[str, object] = {
         "layout": LAYOUT,
+        "model_name": "test-model",
         "device": "cpu",
         "device_pages": 32,
         "host_pages": 96,
@@ -111,7 +116,7 @@ def l3_dir(tmp_path: Path) -> Path:
 
 
 async def open_slow(l3_dir: Path, **kw: object) -> tuple[HiCacheConfig, SlowStorage]:
-    inner = create_storage("file", HiCacheStorageConfig(), path=str(l3_dir))
+    inner = create_storage("file", SAME_NAMESPACE, path=str(l3_dir))
     return config(storage_backend="file", **kw), SlowStorage(inner, delay=0.0, per_page=0.01)
 
 

@@ -42,6 +42,7 @@ def test_runtime_on_trio(backend: str, tmp_path: Path) -> None:
     extra = f'{{"path": "{tmp_path}"}}' if backend == "file" else None
     config = HiCacheConfig(
         layout=LAYOUT,
+        model_name="test-model",
         device="cpu",
         device_pages=32,
         host_pages=64,

@@ -17,6 +17,7 @@ def test_info_json_with_layout_from_environment(
     monkeypatch.setenv("HICACHE_LAYOUT__NUM_KV_HEADS", "2")
     monkeypatch.setenv("HICACHE_LAYOUT__HEAD_DIM", "64")
     monkeypatch.setenv("HICACHE_DEVICE_PAGES", "10")
+    monkeypatch.setenv("HICACHE_MODEL_NAME", "test-model")
     assert main(["info", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["version"] == __version__

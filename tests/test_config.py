@@ -19,7 +19,7 @@ LAYOUT = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "float16",
 
 
 def make(**overrides: object) -> HiCacheConfig:
-    return HiCacheConfig(**{"layout": LAYOUT, **overrides})
+    return HiCacheConfig(**{"layout": LAYOUT, "model_name": "test-model", **overrides})
 
 
 def test_defaults() -> None:
@@ -158,7 +158,9 @@ def test_environment_nested_and_enum(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HICACHE_LAYOUT__QK_ROPE_HEAD_DIM", "64")
     monkeypatch.setenv("HICACHE_WRITE_POLICY", "write_back")
     monkeypatch.setenv("HICACHE_KV_EVENTS__TOPIC", "kv")
+    monkeypatch.setenv("HICACHE_MODEL_NAME", "deepseek-ai/DeepSeek-V3")
     config = HiCacheConfig()
+    assert config.model_name == "deepseek-ai/DeepSeek-V3"
     assert config.layout.use_mla
     assert config.layout.head_dim == 576
     assert config.write_policy is WritePolicy.WRITE_BACK

@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hicache_async.errors import ConfigError
 from hicache_async.storage import BlobStorage, HiCacheStorageConfig
-from hicache_redis._options import RedisOptions
+from hicache_redis._options import RedisOptions, cluster_address
 
 __all__ = ["RedisStorage"]
 
@@ -50,10 +50,7 @@ def _kind(exc: BaseException) -> str:
 
 
 def _node(address: str) -> ClusterNode:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"cluster_nodes entries are host:port, not {address!r}")
-    return ClusterNode(host, int(port))
+    return ClusterNode(*cluster_address(address))
 
 
 class RedisStorage(BlobStorage):
@@ -84,8 +81,11 @@ class RedisStorage(BlobStorage):
         if opts.cluster_nodes:
             nodes = [_node(a) for a in opts.cluster_nodes]
             return RedisCluster(startup_nodes=nodes, **common)
-        if opts.url:
-            return Redis.from_url(opts.url, **common)
+        if opts.url is not None:
+            try:
+                return Redis.from_url(opts.url, **common)
+            except ValueError as exc:  # checked by RedisOptions already; a last translation
+                raise ConfigError(f"redis storage: url: {exc}") from None
         return Redis(host=opts.host, port=opts.port, db=opts.db, **common)
 
     def _key(self, key: str) -> str:

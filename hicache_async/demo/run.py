@@ -7,6 +7,7 @@ runs (``~/.cache/hicache-async/demo`` unless told otherwise), so a second run st
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class DemoOptions:
     device_pages: int = 160  # 2,560 tokens: room for the requests in flight, not for all chats
     host_pages: int = 400
     seed: int = 0
+    model_name: str = "hicache-demo-tiny"  # namespaces the demo's pages in the L3 directory
 
 
 @dataclass
@@ -128,11 +130,12 @@ async def run_demo(options: DemoOptions) -> DemoReport:
     options.directory.mkdir(parents=True, exist_ok=True)
     config = HiCacheConfig(
         layout=layout,
+        model_name=options.model_name,
         device="cpu",
         device_pages=options.device_pages,
         host_pages=options.host_pages,
         storage_backend="file",
-        storage_backend_extra_config=f'{{"path": "{options.directory}"}}',
+        storage_backend_extra_config=json.dumps({"path": str(options.directory)}),
         prefetch_policy="wait_complete",
         prefetch_threshold=options.page_size,
     )
@@ -140,7 +143,7 @@ async def run_demo(options: DemoOptions) -> DemoReport:
     report = DemoReport()
     served: list[_Served] = []
     start = time.perf_counter()
-    async with HiCache.open(config, model_name="tiny-demo") as cache:
+    async with HiCache.open(config) as cache:
         limiter = anyio.CapacityLimiter(options.concurrency)
 
         async def chat(turns: list[torch.Tensor]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import enum
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
@@ -325,12 +325,19 @@ class HiCacheStorage(abc.ABC):
         return self.mem_pool_host
 
     def _namespaced(self, keys: Sequence[str]) -> list[str]:
-        if isinstance(keys, str):
-            raise TypeError("keys must be a sequence of str, not one str")
+        # A caller's bug, refused before any backend call (so no page is half-written).
+        if isinstance(keys, str | bytes) or not isinstance(keys, Iterable):
+            raise StorageError(
+                f"{self.name} storage: keys must be a list of str page keys, not a "
+                f"{type(keys).__name__}; wrap a single key in a list"
+            )
         names = []
-        for key in keys:
+        for index, key in enumerate(keys):
             if not isinstance(key, str) or not key:
-                raise TypeError(f"storage keys are non-empty str, not {key!r}")
+                raise StorageError(
+                    f"{self.name} storage: keys[{index}] is {key!r}; every key is a non-empty "
+                    f"str (e.g. a page's hex hash)"
+                )
             names.append(key + self.suffix)
         return names
 

@@ -2,8 +2,9 @@
 
 Fixtures:
 
-* ``hicache_config``: a small CPU configuration with a file L3 in the test's ``tmp_path``;
-  override it in your ``conftest.py`` to change the layout or the policies;
+* ``hicache_config``: a small CPU configuration with a file L3 in the test's ``tmp_path``
+  (``model_name="pytest"``, which a file L3 needs); override it in your ``conftest.py`` to
+  change the layout or the policies;
 * ``hicache``: a :class:`~hicache_async.HiCache` opened on that configuration, closed after the
   test (its background work drained first).
 
@@ -33,6 +34,7 @@ def hicache_config(tmp_path: Path) -> HiCacheConfig:
     layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", page_size=16)
     return HiCacheConfig(
         layout=layout,
+        model_name="pytest",
         device="cpu",
         device_pages=64,
         host_pages=128,

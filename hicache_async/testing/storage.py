@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from hicache_async.config import HostLayout
-from hicache_async.errors import ClosedError, ConfigError, LayoutError
+from hicache_async.errors import ClosedError, ConfigError, LayoutError, StorageError
 from hicache_async.layout import KVLayout
 from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.memory.slots import pages_to_slots
@@ -243,9 +243,9 @@ class StorageConformance:
                 await storage.batch_get_v1(["a", "b"], slots(pool, [0]))
             with pytest.raises(LayoutError):
                 await storage.batch_set_v1(["a"], slots(pool, [0])[1:].clone())
-            with pytest.raises(TypeError):
+            with pytest.raises(StorageError, match="list of str"):
                 await storage.batch_exists("abc")
-            with pytest.raises(TypeError):
+            with pytest.raises(StorageError, match=r"keys\[0\]"):
                 await storage.batch_exists(["", "x"])
             assert await storage.batch_get_v1([], slots(pool, [])) == []
 

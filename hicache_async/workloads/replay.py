@@ -8,6 +8,7 @@ server would send them: match, prefetch, load, allocate the rest, write its KV, 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class ReplayOptions:
     l2_pages: int = 0  # 0: no L2
     l3: str = "none"
     l3_path: Path | None = None
+    model_name: str = "replay"  # namespaces the trace's pages in a shared L3
     eviction_policy: str = "lru"
     write_policy: str = "write_through"
     prefetch_policy: str = "wait_complete"
@@ -134,9 +136,10 @@ def _config(options: ReplayOptions) -> HiCacheConfig:
     extra = None
     if options.l3 == "file":
         path = options.l3_path or Path.home() / ".cache" / "hicache-async" / "replay"
-        extra = f'{{"path": "{path}"}}'
+        extra = json.dumps({"path": str(path)})  # a quote or backslash in the path stays JSON
     return HiCacheConfig(
         layout=_layout(options.page_tokens),
+        model_name=options.model_name,
         device="cpu",
         device_pages=options.l1_pages,
         host_pages=options.l2_pages,
@@ -227,7 +230,7 @@ async def replay(options: ReplayOptions) -> ReplayResult:
     requests = load_mooncake_trace(options.trace, limit=options.limit)
     result = ReplayResult()
     start = time.perf_counter()
-    async with HiCache.open(_config(options), model_name="replay") as cache:
+    async with HiCache.open(_config(options)) as cache:
         verifier = _Verifier(cache) if options.verify else None
         send, receive = anyio.create_memory_object_stream[TraceRequest](
             max_buffer_size=max(1, options.concurrency)

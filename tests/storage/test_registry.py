@@ -91,6 +91,7 @@ def test_backend_options_flow_from_the_cache_config(tmp_path: Path) -> None:
     extra = f'{{"path": "{tmp_path}", "fsync": "file", "prefetch_threshold": 32}}'
     config = HiCacheConfig(
         layout=KVLayout(num_layers=2, num_kv_heads=2, head_dim=8),
+        model_name="m",
         storage_backend_extra_config=extra,
     )
     storage = create_storage(

@@ -29,7 +29,7 @@ from hicache_async import HiCache, HiCacheConfig
 from tests.test_cache_e2e import serve
 config = HiCacheConfig.model_validate_json(sys.argv[1])
 async def main():
-    async with HiCache.open(config, model_name=sys.argv[2]) as cache:
+    async with HiCache.open(config) as cache:
         hit = await serve(cache, torch.arange(70, 70 + 64))  # checks the hit's bytes
         print(json.dumps({"hit": hit, "storage": cache.stats().tiers["storage"].hit_tokens}))
 anyio.run(main)
@@ -42,6 +42,7 @@ def config(backend: str, options: dict[str, Any]) -> HiCacheConfig:
         device="cpu",
         device_pages=32,
         host_pages=64,
+        model_name=f"m-{uuid.uuid4().hex[:8]}",  # a namespace of this test's own
         storage_backend=backend,
         storage_backend_extra_config=json.dumps(options),
         prefetch_threshold=4,
@@ -50,15 +51,13 @@ def config(backend: str, options: dict[str, Any]) -> HiCacheConfig:
 
 
 def first_then_second(cfg: HiCacheConfig) -> dict[str, int]:
-    model = f"m-{uuid.uuid4().hex[:8]}"  # a namespace of this test's own
-
     async def first() -> None:
-        async with HiCache.open(cfg, model_name=model) as cache:
+        async with HiCache.open(cfg) as cache:
             assert await serve(cache, PROMPT) == 0
 
     anyio.run(first)
     child = subprocess.run(
-        [sys.executable, "-c", SECOND_SERVER, cfg.model_dump_json(), model],
+        [sys.executable, "-c", SECOND_SERVER, cfg.model_dump_json()],
         cwd=ROOT,
         capture_output=True,
         text=True,

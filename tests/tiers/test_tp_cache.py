@@ -26,6 +26,7 @@ def _tp_config(rank: int, **kw: Any) -> Any:
     layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float16", page_size=4)
     options: dict[str, Any] = {
         "layout": layout,
+        "model_name": "tp-test",
         "device": "cpu",
         "device_pages": 128,
         "host_pages": 128,
@@ -74,8 +75,9 @@ async def _rank_main(rank: int) -> dict[str, Any]:
         device_pages=64,
         storage_backend="memory",
         storage_backend_extra_config=f'{{"store": "tp-rank{rank}"}}',
+        model_name="m",
     )
-    async with HiCache.open(config, process_group=dist.group.WORLD, model_name="m") as cache:
+    async with HiCache.open(config, process_group=dist.group.WORLD) as cache:
         if rank == 0:
             await _put_in_l3(cache, ONLY_RANK0)
         await _put_in_l3(cache, BOTH)
@@ -161,8 +163,9 @@ async def _prefetch_from_different_trees_main(rank: int, part: int = 2) -> dict[
         rank,
         storage_backend="memory",
         storage_backend_extra_config=f'{{"store": "tp-trees-rank{rank}"}}',
+        model_name="m",
     )
-    async with HiCache.open(config, process_group=dist.group.WORLD, model_name="m") as cache:
+    async with HiCache.open(config, process_group=dist.group.WORLD) as cache:
         await _put_in_l3(cache, PROMPT)
         if rank == 0:
             _cache_only_here(cache, PROMPT[: PROMPT.numel() // part])
