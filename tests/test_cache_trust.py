@@ -13,6 +13,7 @@ import torch
 
 from hicache_async import HiCache, HiCacheConfig, KVLayout
 from hicache_async.errors import CapacityError, HiCacheError, IndexStateError, TransferError
+from hicache_async.health import DEGRADED_AFTER
 from hicache_async.metrics import Transition
 from hicache_async.radix import NodeState
 from hicache_async.radix import Tier as RadixTier
@@ -289,3 +290,23 @@ async def test_a_wrapped_engine_carries_every_copy() -> None:
         assert wrapped[0].failed >= 1  # the backup went through it, and failed
         assert cache.stats().background_failures["backup"] >= 1
         cache.check()
+
+
+async def test_a_tier_whose_jobs_keep_failing_is_degraded_until_one_succeeds() -> None:
+    engine: list[FaultyTransferEngine] = []
+
+    def wrap(inner: TransferEngine) -> TransferEngine:
+        engine.append(FaultyTransferEngine(inner, fail_rate=1.0, slow_rate=0.0))
+        return engine[0]
+
+    async with HiCache.open(config(), wrap_engine=wrap) as cache:
+        for i in range(DEGRADED_AFTER):
+            await serve(cache, torch.arange(i * 1000, i * 1000 + 8))
+            await cache.drain()  # one backup batch per request: one failure each
+            assert cache.stats().degraded == ([] if i < DEGRADED_AFTER - 1 else ["host"])
+        engine[0].fail_rate = 0.0
+        await serve(cache, torch.arange(50_000, 50_008))
+        await cache.drain()
+        stats = cache.stats()
+        assert stats.degraded == []
+        assert stats.background_failures == {"backup": DEGRADED_AFTER}
