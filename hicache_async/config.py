@@ -115,6 +115,12 @@ class KVEventsConfig(BaseModel):
         default="int64", description="Block hashes as the low 64 bits (vLLM's default) or raw."
     )
 
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise translate(exc, "KVEventsConfig", ConfigError) from exc
+
     @field_validator("buffer_steps", "hwm", mode="before")
     @classmethod
     def _no_bool_counts(cls, value: Any) -> Any:
@@ -128,8 +134,8 @@ class KVEventsConfig(BaseModel):
         match = _ENDPOINT.match(value)
         if match is None or (match[3] not in (None, "*") and int(match[3]) > 65535):
             raise ValueError(
-                "a ZMQ endpoint is tcp://HOST:PORT (PORT 0-65535 or *), ipc://PATH or "
-                "inproc://NAME, e.g. tcp://127.0.0.1:5557"
+                "a ZMQ endpoint looks like tcp://127.0.0.1:5557: tcp://HOST:PORT (PORT 0-65535 "
+                "or *), ipc://PATH or inproc://NAME"
             )
         return value
 

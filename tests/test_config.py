@@ -121,7 +121,7 @@ def test_backend_name_is_normalised() -> None:
         ),
         (
             {"kv_events": {"publisher": "kafka"}},
-            "kv_events.publisher: Input should be 'zmq' or 'null'",
+            "kv_events: invalid KVEventsConfig: publisher: Input should be 'zmq' or 'null'",
         ),
     ],
 )

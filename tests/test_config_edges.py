@@ -158,7 +158,7 @@ def test_an_environment_value_that_is_not_json(monkeypatch: pytest.MonkeyPatch) 
     ],
 )
 def test_kv_events_edges(events: dict[str, Any], field: str) -> None:
-    with pytest.raises(ConfigError, match=f"kv_events.{field}"):
+    with pytest.raises(ConfigError, match=f"kv_events: invalid KVEventsConfig: {field}"):
         make(kv_events=events)
 
 
@@ -287,3 +287,12 @@ def test_extra_config_options_reach_the_backend_checks(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="url"):
         HiCache(cfg)
+
+
+def test_kv_events_config_alone_raises_our_error() -> None:
+    from hicache_async.config import KVEventsConfig
+
+    with pytest.raises(ConfigError, match="KVEventsConfig: endpoint: a ZMQ endpoint looks like"):
+        KVEventsConfig(endpoint="127.0.0.1:5557")
+    with pytest.raises(ConfigError, match="buffer_steps"):
+        KVEventsConfig(buffer_steps=0)
