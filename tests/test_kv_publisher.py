@@ -100,7 +100,7 @@ def test_batch_is_a_three_element_array() -> None:
 
 
 async def _recv(socket: zmq.Socket[bytes]) -> list[bytes]:
-    with anyio.fail_after(5):
+    with anyio.fail_after(30):
         while True:
             try:
                 return socket.recv_multipart(zmq.NOBLOCK)

@@ -34,7 +34,7 @@ async def test_index_follows_two_workers_and_replays_a_gap() -> None:
             assert pub_b.replay_endpoint is not None
             # Worker B publishes before anyone listens: the router must replay it.
             hub_b.emit([stored(prompt[:8], StorageMedium.GPU)])
-            with anyio.fail_after(5):
+            with anyio.fail_after(30):
                 while pub_b.published < 1:  # noqa: ASYNC110 - the pump is another task
                     await anyio.sleep(0.01)
             a = router.Worker("a", pub_a.endpoint, pub_a.replay_endpoint)
@@ -48,7 +48,7 @@ async def test_index_follows_two_workers_and_replays_a_gap() -> None:
                 hub_a.emit([stored(prompt, StorageMedium.CPU_PINNED)])
                 hub_a.emit([BlockRemoved(tuple(page_hashes(prompt, PS)[2:]), StorageMedium.GPU)])
                 hub_b.emit([stored(prompt, StorageMedium.DISK)])
-                with anyio.fail_after(5):
+                with anyio.fail_after(30):
                     while a.next_seq < 3 or b.next_seq < 2:  # noqa: ASYNC110
                         await anyio.sleep(0.01)
                 tg.cancel_scope.cancel()
