@@ -149,9 +149,10 @@ def test_soak_names_a_hung_request_and_where_it_waits() -> None:
 
     report = _quick(stuck_prefetch, hang_after_s=1.0, segment_seconds=2.5)
     assert report["hangs"] >= 1
-    hang = report["hang_details"][0]
-    assert hang["step"] in ("prefetch", "load")
-    assert any("fetch_or_hang" in frame for frame in hang["stack"])
+    # The request is named (a segment's drain waiting on it may be named too, and first).
+    named = [hang for hang in report["hang_details"] if hang["step"] in ("prefetch", "load")]
+    assert named, report["hang_details"]
+    assert any("fetch_or_hang" in frame for hang in named for frame in hang["stack"])
     assert not report["ok"]
 
 
