@@ -622,3 +622,106 @@ async def test_drain_waits_for_a_best_effort_prefetch_not_yet_started(stored: Pa
             await s.prefetch()
         await cache.drain()
         cache.check()
+
+
+# -- the scheduler-level API alongside sessions (issue 17, defect 5) ----------------------------
+
+
+async def _low_level_request(cache: HiCache, tokens: list[int], op: int) -> None:
+    """One scheduler-level step on ``tokens``: insert a recomputed prompt, hold a match
+    locked, or load a match's host part by hand (as examples/scheduler_loop.py does)."""
+    tree = cache.tree
+    key = cache.key(tokens)
+    kv = expected_kv(cache.layout, prefix_hashes(tokens, None))
+    if op == 0:
+        aligned = len(tokens) // PS * PS
+        slots = cache.device_tier.reserve(aligned // PS)
+        if not aligned or slots is None:
+            return
+        write_kv(cache.device_pool, slots, kv[:aligned])
+        prefix = cache.key(tokens[:aligned])
+        present = tree.insert(prefix, slots)
+        cache.device_tier.free(slots[: present // PS * PS])
+        cache.after_insert(prefix, aligned - present)
+        return
+    match = cache.match_prefix(key)
+    tree.lock(match.last_device_node)
+    tree.lock_host(match.last_host_node)
+    locked = match.last_device_node
+    try:
+        indices = match.device_indices
+        if op == 2 and match.host_hit_length and cache.loader is not None:
+            loaded = await cache.loader.load(match)
+            if loaded.loaded_tokens:
+                tree.lock(loaded.last_node)
+                tree.unlock(locked)
+                locked, indices = loaded.last_node, loaded.device_indices
+        await anyio.lowlevel.checkpoint()
+        assert wrong_bytes(cache.device_pool, indices, kv[: indices.numel()]) == 0
+    finally:
+        tree.unlock(locked)
+        tree.unlock_host(match.last_host_node)
+
+
+@pytest.mark.parametrize("write_policy", ["write_through", "write_back"])
+@pytest.mark.parametrize("seed", [0, 1])
+async def test_low_level_traffic_beside_cancelled_session_loads(
+    write_policy: str, seed: int
+) -> None:
+    """Sessions loading from L2 (some cancelled at their k-th checkpoint) and scheduler-level
+    inserts, locked matches, hand-made loads and evictions, in waves; every hit bit-exact, and
+    once drained nothing locked or leaked, the tree consistent."""
+    import random
+
+    rng = random.Random(seed)
+    bases = [list(range(1000 * i, 1000 * i + 16 * PS)) for i in range(1, 4)]
+    prompts = [
+        rng.choice(bases)[: rng.randrange(1, 16) * PS] + [60000 + rng.randrange(4)] * PS
+        for _ in range(12)
+    ]
+    cfg = config(device_pages=48, host_pages=96, write_policy=write_policy)
+    async with HiCache.open(cfg) as cache:
+        assert cache.loader is not None
+        copy = cache.loader.engine.load
+
+        async def slow_copy(host_slots: torch.Tensor, device_slots: torch.Tensor) -> Any:
+            for _ in range(rng.randrange(4)):  # the copy spans other tasks' steps
+                await anyio.lowlevel.checkpoint()
+            return await copy(host_slots, device_slots)
+
+        cache.loader.engine.load = slow_copy  # type: ignore[method-assign]
+        for tokens in prompts[:4]:
+            await serve(cache, tokens)
+        await cache.drain()
+        cache.device_tier.evict(cache.l1.allocator.usable)  # L2 only from here
+
+        async def one(tg: Any) -> None:
+            tokens = rng.choice(prompts)
+            use_session, op = rng.random() < 0.6, rng.randrange(3)
+            with anyio.CancelScope() as scope:
+                if rng.random() < 0.3:
+                    k = rng.randrange(6)
+
+                    async def cancel() -> None:
+                        for _ in range(k):
+                            await anyio.lowlevel.checkpoint()
+                        scope.cancel()
+
+                    tg.start_soon(cancel)
+                with contextlib.suppress(HiCacheError):  # CapacityError: L1 full of locks
+                    if use_session:
+                        await serve(cache, tokens)
+                    else:
+                        await _low_level_request(cache, tokens, op)
+
+        with anyio.fail_after(HANG_GUARD_S):
+            for _wave in range(6):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(16):
+                        tg.start_soon(one, tg)
+                cache.device_tier.evict(rng.randrange(1, 30))
+            await assert_settled(cache)
+            assert cache.stats().transitions[Transition.LOAD].count > 0  # the path meant
+            for tokens in prompts:  # still served bit-exact
+                await serve(cache, tokens)
+            await assert_settled(cache)
