@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -14,6 +12,7 @@ from hicache_async import HiCache, HiCacheConfig, KVLayout
 from hicache_async.radix import Tier as RadixTier
 from hicache_async.storage import HiCacheStorageConfig, create_storage
 from hicache_async.testing.faults import CorruptingStorage, FlakyStorage, SlowStorage
+from hicache_async.testing.soak import CancelAtSuspension
 
 from .test_cache_e2e import assert_kv, serve
 
@@ -132,35 +131,6 @@ async def test_corrupting_storage_gives_misses_never_wrong_bytes(stored: Path) -
         assert cache.stats().storage.corrupt_pages > 0
 
 
-class _CancelAtYield:
-    """Awaits ``coro`` as ``yield from`` would, counting the times it suspends; at suspension
-    ``at`` it cancels ``scope`` before handing the awaited object to the loop, so anyio
-    delivers the cancellation at exactly that await (or, inside a shielded part, at the first
-    checkpoint after it), the way a client going away mid-request does. ``at=0`` never
-    cancels: it counts the suspensions of a whole request."""
-
-    def __init__(self, coro: Any, scope: anyio.CancelScope, at: int) -> None:
-        self.coro, self.scope, self.at = coro, scope, at
-        self.suspensions = 0
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        inner = self.coro.__await__()
-        sent: Any = None
-        thrown: BaseException | None = None
-        while True:
-            try:
-                awaited = inner.throw(thrown) if thrown is not None else inner.send(sent)
-            except StopIteration as stop:
-                return stop.value
-            self.suspensions += 1
-            if self.suspensions == self.at:
-                self.scope.cancel()
-            try:
-                sent, thrown = (yield awaited), None
-            except BaseException as exc:
-                sent, thrown = None, exc
-
-
 async def _serve_cancelled_at(path: Path, at: int) -> tuple[int, bool]:
     """Serve PROMPT from a fresh cache over ``path``, cancelled at suspension ``at``; check
     that nothing leaked and that the cache still serves it bit-exact. Returns how many times
@@ -170,7 +140,7 @@ async def _serve_cancelled_at(path: Path, at: int) -> tuple[int, bool]:
     async with HiCache.open(config(path), storage=slow_file_storage(path)) as cache:
         cache.prefetcher.batch_pages = 4  # type: ignore[union-attr]  # more await points
         with anyio.CancelScope() as scope:
-            step = _CancelAtYield(serve(cache, PROMPT), scope, at)
+            step = CancelAtSuspension(serve(cache, PROMPT), scope, at)
             await step
         if at == 0:
             assert not scope.cancel_called

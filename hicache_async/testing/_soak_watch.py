@@ -119,7 +119,8 @@ class CancelAtSuspension:
     """Awaits ``coro`` as ``yield from`` would; at its ``at``-th suspension it cancels
     ``scope`` before handing the awaited object to the loop, so the cancellation lands at
     exactly that await (or at the first checkpoint after a shielded part), as a client that
-    goes away mid-request. Works on asyncio and trio."""
+    goes away mid-request. ``at=0`` never cancels: it counts the suspensions of a whole
+    request. Works on asyncio and trio."""
 
     def __init__(self, coro: Coroutine[Any, Any, Any], scope: anyio.CancelScope, at: int) -> None:
         self.coro, self.scope, self.at = coro, scope, at
