@@ -23,6 +23,7 @@ from hicache_async.errors import HiCacheError
 from hicache_async.metrics import Tier, Transition
 from hicache_async.radix import Tier as RadixTier
 from hicache_async.testing._soak_kv import expected_kv, prefix_hashes, write_kv, wrong_bytes
+from hicache_async.testing.soak import CancelAtSuspension
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", page_size=4)
 PS = LAYOUT.page_size
@@ -78,33 +79,6 @@ async def assert_settled(cache: HiCache) -> None:
     assert cache.l1.allocator.used == tree.total_size(RadixTier.DEVICE) // PS
 
 
-class CancelAtYield:
-    """Awaits ``coro`` counting its suspensions; at suspension ``at`` it cancels ``scope``
-    before handing the awaited object to the loop (tests/test_cache_cancel.py's technique).
-    ``at=0`` never cancels: it counts the suspensions of a whole request."""
-
-    def __init__(self, coro: Any, scope: anyio.CancelScope, at: int) -> None:
-        self.coro, self.scope, self.at = coro, scope, at
-        self.suspensions = 0
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        inner = self.coro.__await__()
-        sent: Any = None
-        thrown: BaseException | None = None
-        while True:
-            try:
-                awaited = inner.throw(thrown) if thrown is not None else inner.send(sent)
-            except StopIteration as stop:
-                return stop.value
-            self.suspensions += 1
-            if self.suspensions == self.at:
-                self.scope.cancel()
-            try:
-                sent, thrown = (yield awaited), None
-            except BaseException as exc:
-                sent, thrown = None, exc
-
-
 # -- cancellation at every await: write_back + file L3 + best_effort ----------------------------
 
 FILLER = list(range(5000, 5000 + 12 * PS))  # 12 pages, on L1 only (write_back: no host copy)
@@ -154,7 +128,7 @@ async def _write_back_request_cancelled_at(path: Path, at: int) -> tuple[int, bo
                 await s.commit(slots)
 
         with anyio.fail_after(HANG_GUARD_S), anyio.CancelScope() as scope:
-            step = CancelAtYield(request(), scope, at)
+            step = CancelAtSuspension(request(), scope, at)
             await step
         if at == 0:  # the uncut request: its hit came from L3, past a full L1
             assert hits[0].tokens_by_tier[Tier.STORAGE] == len(PROMPT)
