@@ -52,7 +52,7 @@ class Health:
         except Exception as exc:
             self.failed(job, exc)
         else:
-            self._streak[job] = 0
+            self.succeeded(job)
 
     def failed(self, job: str, exc: BaseException) -> None:
         """Count one failure of ``job`` (already rolled back by the job itself)."""
@@ -68,6 +68,7 @@ class Health:
             )
 
     def succeeded(self, job: str) -> None:
+        """``job`` ran through: its tier is no longer degraded."""
         self._streak[job] = 0
 
     @property
