@@ -14,6 +14,7 @@ task group owned by the cache: leaving the ``async with`` block drains them for 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import warnings
@@ -30,7 +31,7 @@ from anyio.abc import TaskGroup
 from hicache_async._state import OPEN as _OPEN
 from hicache_async._state import CacheState
 from hicache_async.config import HiCacheConfig, WritePolicy
-from hicache_async.errors import ClosedError, HiCacheError, IndexStateError
+from hicache_async.errors import ClosedError, ConfigError, HiCacheError, IndexStateError
 from hicache_async.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -61,7 +62,7 @@ from hicache_async.radix import (
     check_token_ids,
 )
 from hicache_async.radix import Tier as RadixTier
-from hicache_async.session import Session
+from hicache_async.session import Session, check_priority
 from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, create_storage
 from hicache_async.tiers._events import stored_event
 from hicache_async.tiers._l1 import EngineWrapper, build_l1
@@ -248,6 +249,12 @@ class HiCache:
     async def __aenter__(self) -> Self:
         if self.state is not CacheState.NEW:
             raise HiCacheError(f"a cache is opened once; this one is {self.state.value}")
+        if self.storage is not None and self.storage.asyncio_only and not _on_asyncio():
+            raise ConfigError(
+                f"storage_backend={self.storage.name!r} runs on asyncio only (its client is "
+                f"asyncio-native); open the cache under asyncio, or use another L3 backend "
+                f"(e.g. file) on trio"
+            )
         async with AsyncExitStack() as stack:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await self.l1.start(self._tg)
@@ -396,6 +403,8 @@ class HiCache:
             self._check_open()
         key = RadixKey(tokens, extra_key)
         check_token_ids(key.data)  # refused here, not in a background task hashing pages
+        if priority.__class__ is not int:  # the usual case costs one identity test
+            check_priority(priority)
         return Session(self, key, priority)
 
     def events(self, max_batches: int = 10_000) -> EventStream:
@@ -631,3 +640,12 @@ class HiCache:
             f"host_pages={self.config.resolved_host_pages}, "
             f"storage={self.config.storage_backend!r})"
         )
+
+
+def _on_asyncio() -> bool:
+    """Whether the calling task runs on an asyncio loop (not trio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

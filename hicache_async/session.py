@@ -16,6 +16,7 @@ commit; cancelling the request at any await rolls back the transition in flight.
 from __future__ import annotations
 
 import enum
+import numbers
 import zlib
 from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
@@ -29,7 +30,7 @@ from hicache_async.config import PrefetchPolicy
 from hicache_async.errors import CapacityError, HiCacheError, IndexStateError, LayoutError
 from hicache_async.memory.slots import pages_to_slots
 from hicache_async.metrics import Tier
-from hicache_async.radix import TOKEN_BYTES, MatchResult, RadixKey, TreeNode
+from hicache_async.radix import TOKEN_BYTES, MatchResult, RadixInputError, RadixKey, TreeNode
 from hicache_async.tiers.consensus import AgreementError, round_tag
 from hicache_async.tiers.load import HostPart
 from hicache_async.tiers.prefetch import PrefetchControl, PrefetchOutcome, PrefetchResult
@@ -188,6 +189,7 @@ class Session:
         result = await cache.prefetcher.fetch(
             self.key, self.match, deadline_s=deadline, tag=self._round_tag()
         )
+        self._still_matched("prefetch()")  # the arrived pages stay in the tree, unlocked
         self._after_prefetch(result)
         return result
 
@@ -204,6 +206,8 @@ class Session:
         hit = self._hit
         if self._cache.state is not _OPEN:
             self._cache._check_open()  # ClosedError: the cache's pages are gone
+        if limit is not None:
+            _check_count("load(limit=...)", limit)
         if self.state is _MATCHED:
             if hit is not None:
                 return hit
@@ -227,6 +231,7 @@ class Session:
             room = -(-(len(self.key.data) // TOKEN_BYTES - length) // size)
             if room > cache._device_allocator.available:
                 await cache.ensure_device_room(room)
+                self._still_matched("load()")
             counters = cache.counters
             counters.hit_tokens[_DEVICE] += length
             counters.hit_pages[_DEVICE] += length // size
@@ -242,6 +247,7 @@ class Session:
         if self._prefetch is not None:
             self._prefetch.control.terminate()
             await self._prefetch.done.wait()
+            self._still_matched("load()")
             if self._prefetch.error is not None:
                 raise self._prefetch.error
             if self._prefetch.result is not None:
@@ -258,6 +264,8 @@ class Session:
             loaded = None
             with cache.health.contain("load"):  # a failed copy (rolled back) is a miss
                 loaded = await loader.load(match)
+            # Closed meanwhile (a disconnect): the loaded pages stay in the tree, unlocked.
+            self._still_matched("load()")
             loaded_tokens = loaded.loaded_tokens if loaded is not None else 0
             if loaded is not None and loaded_tokens:
                 # The loaded nodes are now device-resident: hold them for the model.
@@ -288,6 +296,7 @@ class Session:
         room = -(-(len(self.key.data) // TOKEN_BYTES - length) // cache.page_size)
         if room and room > cache._device_allocator.available:
             await cache.ensure_device_room(room)
+            self._still_matched("load()")
         # Tokens by the tier they were found in: the device part, then pages L2 held, then
         # the pages the prefetch brought from L3 (the match's tail).
         counters = cache.counters
@@ -317,8 +326,7 @@ class Session:
             self._expect(_MATCHED)
         if self._cache.state is not _OPEN:
             self._cache._check_open()
-        if n_tokens < 0:
-            raise LayoutError(f"cannot allocate {n_tokens} tokens")
+        _check_count("allocate()", n_tokens)
         cache = self._cache
         size = cache.page_size
         n_pages = -(-n_tokens // size)
@@ -344,7 +352,15 @@ class Session:
             self._expect(_MATCHED)
         if self._cache.state is not _OPEN:
             self._cache._check_open()
-        hit = self._hit or await self.load()
+        if not isinstance(new_slots, torch.Tensor) or new_slots.device.type == "meta":
+            raise LayoutError(
+                f"commit() takes the token slots allocate() returned (a tensor), not "
+                f"{_describe(new_slots)}"
+            )
+        hit = self._hit
+        if hit is None:
+            hit = await self.load()
+            self._still_matched("commit()")  # closed while it loaded: its slots are freed
         cache = self._cache
         size = cache.page_size
         if new_slots is self._handed and self._handed_pages is self._allocated:
@@ -477,6 +493,7 @@ class Session:
                     waited = True
                     loader.count_wait()
                 await loader.wait_settled()
+                self._still_matched("load()")
                 match = self._rematch()
                 continue
             pages = match.host_hit_length // cache.page_size
@@ -484,6 +501,7 @@ class Session:
                 return match
             room_made = True  # once: what L1 cannot free then, the load skips
             await cache.ensure_device_room(pages)
+            self._still_matched("load()")
         return match
 
     def _after_prefetch(self, result: PrefetchResult) -> None:
@@ -554,9 +572,36 @@ class Session:
             self._host_node = None
             self._cache.tree.unlock_host(node)
 
+    def _still_matched(self, step: str) -> None:
+        """After an await: refuse to go on when the session was closed meanwhile (its locks
+        are released and its allocation freed; nothing may be locked or inserted for it)."""
+        if self.state is _CLOSED:
+            raise HiCacheError(f"the session was closed while {step} was in flight")
+
     def _expect(self, state: SessionState) -> None:
         if self.state is not state:
             raise HiCacheError(f"the session is {self.state.value}; this step needs {state.value}")
+
+
+def check_priority(priority: object) -> None:
+    """A request's priority: a real number (an int, as in SGLang; a bool, str or None would be
+    stored on the nodes the request inserts and break every comparison after it)."""
+    if isinstance(priority, bool) or not isinstance(priority, numbers.Real):
+        raise RadixInputError(f"priority must be an int, not {_describe(priority)}")
+
+
+def _check_count(what: str, value: object) -> None:
+    """A token count from the caller: a non-negative int (a bool or float is a mistake)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LayoutError(f"{what} takes a token count (int), not {_describe(value)}")
+    if value < 0:
+        raise LayoutError(f"{what} takes a token count >= 0, not {value}")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.device.type} tensor"
+    return f"{type(value).__name__} {value!r:.40}"
 
 
 class _BackgroundPrefetch:
@@ -573,9 +618,11 @@ class _BackgroundPrefetch:
         self.done = anyio.Event()
         self.result: PrefetchResult | None = None
         self.error: AgreementError | None = None  # raised again by the session's load()
-        tree = session._cache.tree
-        tree.lock(self.match.last_device_node)
-        tree.lock_host(self.match.last_host_node)
+        cache = session._cache
+        assert cache.prefetcher is not None
+        cache.tree.lock(self.match.last_device_node)
+        cache.tree.lock_host(self.match.last_host_node)
+        cache.prefetcher.running.add()  # from now: a drain() waits for it, started or not
 
     async def run(self) -> None:
         cache = self.session._cache
@@ -593,4 +640,5 @@ class _BackgroundPrefetch:
         finally:
             cache.tree.unlock_host(self.match.last_host_node)
             cache.tree.unlock(self.match.last_device_node)
+            cache.prefetcher.running.done()
             self.done.set()

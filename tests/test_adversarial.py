@@ -1,7 +1,7 @@
 """Adversarial reproductions: the runtime driven as a demanding user would (issue 17's promises).
 
-Each finding is a minimal deterministic test marked ``xfail(strict=True)`` with what is wrong;
-the tests without the mark are regression guards for edges no other test covered.
+Each finding was a minimal deterministic test, first marked ``xfail(strict=True)`` with what
+was wrong, unmarked with its fix; the others are guards for edges no other test covered.
 """
 
 from __future__ import annotations
@@ -254,14 +254,11 @@ def hold_loads(cache: HiCache) -> anyio.Event:
     return gate
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Session.close() while the session's load() awaits its L2 copy: the load goes on, "
-    "locks the loaded path for a session that is closed, and the lock is never released "
-    "(its L1 pages can never be evicted again); session.py _load_here does not look at the "
-    "state after `await loader.load(match)`",
-)
 async def test_close_while_load_is_in_flight_leaves_no_lock() -> None:
+    """Was broken: Session.close() while the session's load() awaits its L2 copy: the load goes
+    on, locks the loaded path for a session that is closed, and the lock is never released (its
+    L1 pages can never be evicted again); session.py _load_here does not look at the state
+    after `await loader.load(match)`."""
     async with HiCache.open(config(write_policy="write_through")) as cache:
         await host_only(cache)
         gate = hold_loads(cache)
@@ -284,16 +281,12 @@ async def test_close_while_load_is_in_flight_leaves_no_lock() -> None:
             await assert_settled(cache)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Session.close() while commit() awaits the load of its L2 part: close() frees the "
-    "session's allocation, then commit() goes on and inserts those freed pages (state goes "
-    "CLOSED -> COMMITTED): the tree holds pages the allocator will hand out again, and the "
-    "next backup of them fails with IndexStateError, which ends the cache's task group; "
-    "session.py commit() `hit = self._hit or await self.load()` does not look at the state "
-    "after the await",
-)
 async def test_close_while_commit_awaits_its_load_keeps_the_index_intact() -> None:
+    """Was broken: Session.close() while commit() awaits the load of its L2 part: close() frees
+    the session's allocation, then commit() goes on and inserts those freed pages (state goes
+    CLOSED -> COMMITTED): the tree holds pages the allocator will hand out again, and the next
+    backup of them fails with IndexStateError, which ends the cache's task group; session.py
+    commit() `hit = self._hit or await self.load()` does not look at the state after the await."""
     tokens = PROMPT + list(range(9000, 9000 + 4 * PS))  # 16 pages on L2, then 4 new ones
     async with HiCache.open(config(write_policy="write_through")) as cache:
         await host_only(cache)
@@ -321,17 +314,74 @@ async def test_close_while_commit_awaits_its_load_keeps_the_index_intact() -> No
             await assert_settled(cache)
 
 
+class _CloseSession:
+    """Stands in for a cancel scope in :class:`CancelAtSuspension`: at the chosen suspension
+    it closes the session instead (a disconnect handler running in another task)."""
+
+    def __init__(self) -> None:
+        self.session: Any = None
+
+    def cancel(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+
+async def _request_closed_at(path: Path, policy: str, at: int) -> int:
+    """PROMPT + 2 new pages: its first 8 pages on L2 only, the rest on L3 (``policy``); the
+    session is closed at the request's ``at``-th suspension. The request either ends or
+    gets a HiCacheError; then nothing is locked or leaked and PROMPT is served bit-exact."""
+    tokens = PROMPT + list(range(9000, 9000 + 2 * PS))
+    cfg = file_config(path, write_policy="write_back", prefetch_policy=policy)
+    async with HiCache.open(cfg) as cache:
+        await serve(cache, PROMPT[: 8 * PS])
+        await cache.drain()
+        await cache.ensure_device_room(cache.l1.allocator.usable)  # write_back: to L2 first
+        assert cache.tree.total_size(RadixTier.DEVICE) == 0
+        closer = _CloseSession()
+
+        async def request() -> None:
+            kv = expected_kv(cache.layout, prefix_hashes(tokens, None))
+            closer.session = s = cache.session(tokens)
+            async with s:
+                try:
+                    await s.prefetch()
+                    await anyio.lowlevel.checkpoint()
+                    hit = await s.load()
+                    assert wrong_bytes(cache.device_pool, hit.device_indices, kv[: hit.length]) == 0
+                    slots = s.allocate(len(tokens) - hit.length)
+                    write_kv(cache.device_pool, slots, kv[hit.length :])
+                    await s.commit(slots)
+                except HiCacheError:
+                    assert s.state.value == "closed"
+
+        with anyio.fail_after(HANG_GUARD_S):
+            step = CancelAtSuspension(request(), closer, at)  # type: ignore[arg-type]
+            await step
+            await assert_settled(cache)
+            hit = await serve(cache, PROMPT)  # bit-exact (serve checks)
+            assert hit == len(PROMPT) or policy == "best_effort"  # it takes what arrived
+            await assert_settled(cache)
+        return step.suspensions
+
+
+@pytest.mark.parametrize("policy", ["wait_complete", "best_effort", "timeout"])
+async def test_a_session_closed_at_any_await_leaves_nothing_behind(
+    stored: Path, policy: str
+) -> None:
+    total = await _request_closed_at(stored, policy, 0)
+    assert total >= 2, f"the request suspended only {total} times: not the path meant"
+    for at in range(1, total + 1):
+        await _request_closed_at(stored, policy, at)
+
+
 # -- a request's priority ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cache.session(priority=...) takes any object: a str or None priority is stored on "
-    "the nodes the request inserts, and every later well-behaved request on that prefix fails "
-    "with a builtin TypeError (tree.py _walk_for_insert `priority > child.priority`); "
-    "cache.py session() does not check priority",
-)
 async def test_a_bad_priority_never_breaks_the_requests_after_it() -> None:
+    """Was broken: cache.session(priority=...) takes any object: a str or None priority is
+    stored on the nodes the request inserts, and every later well-behaved request on that
+    prefix fails with a builtin TypeError (tree.py _walk_for_insert `priority >
+    child.priority`); cache.py session() does not check priority."""
     async with HiCache.open(config()) as cache:
         with contextlib.suppress(HiCacheError):  # refused at the edge, or served
             await serve(cache, PROMPT, priority="high")
@@ -341,15 +391,12 @@ async def test_a_bad_priority_never_breaks_the_requests_after_it() -> None:
         await assert_settled(cache)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="eviction_policy=priority and a non-int priority (None): the heap push in the "
-    "insert raises TypeError after the node is in the tree; the session then frees the pages "
-    "the tree holds (a device page owned twice, the allocator short of what the tree holds) "
-    "and later good requests fail with TypeError (radix/policy.py PriorityStrategy key, "
-    "tree.py _attach -> _refresh)",
-)
 async def test_a_none_priority_under_the_priority_policy_keeps_the_index_intact() -> None:
+    """Was broken: eviction_policy=priority and a non-int priority (None): the heap push in the
+    insert raises TypeError after the node is in the tree; the session then frees the pages the
+    tree holds (a device page owned twice, the allocator short of what the tree holds) and
+    later good requests fail with TypeError (radix/policy.py PriorityStrategy key, tree.py
+    _attach -> _refresh)."""
     async with HiCache.open(config(eviction_policy="priority", device_pages=32)) as cache:
         await serve(cache, list(range(40)))
         with contextlib.suppress(HiCacheError):  # refused at the edge, or served
@@ -402,15 +449,12 @@ BAD_STEPS = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a bad argument to a session step gives a builtin error (TypeError, "
-    "AttributeError, NotImplementedError) or is taken (a negative limit, a bool count): "
-    "session.py load() uses `limit` unchecked (`limit < length`, `indices[:length]`), "
-    "allocate() checks only `n_tokens < 0`, commit() calls `new_slots.to(...)` before any check",
-)
 @pytest.mark.parametrize(("step", "arg"), BAD_STEPS)
 async def test_a_bad_session_argument_is_a_hicache_error(step: str, arg: Any) -> None:
+    """Was broken: a bad argument to a session step gives a builtin error (TypeError,
+    AttributeError, NotImplementedError) or is taken (a negative limit, a bool count):
+    session.py load() uses `limit` unchecked (`limit < length`, `indices[:length]`), allocate()
+    checks only `n_tokens < 0`, commit() calls `new_slots.to(...)` before any check."""
     async with HiCache.open(config()) as cache:
         await serve(cache, PROMPT)
         try:
@@ -423,12 +467,9 @@ async def test_a_bad_session_argument_is_a_hicache_error(step: str, arg: Any) ->
         assert await serve(cache, PROMPT) == len(PROMPT)  # and the index is intact
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a token tensor on the meta device gives a builtin NotImplementedError at "
-    "cache.session() (radix/key.py copies it without checking the device)",
-)
 async def test_tokens_on_the_meta_device_are_a_hicache_error() -> None:
+    """Was broken: a token tensor on the meta device gives a builtin NotImplementedError at
+    cache.session() (radix/key.py copies it without checking the device)."""
     async with HiCache.open(config()) as cache:
         with pytest.raises(HiCacheError):
             cache.session(torch.empty(8, dtype=torch.int64, device="meta"))
@@ -481,13 +522,10 @@ async def test_a_huge_prompt_is_a_capacity_error_and_leaks_nothing() -> None:
 # -- bad settings: a ConfigError naming the field --------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a file-backend path with a NUL byte gives a builtin ValueError ('embedded null "
-    "byte') from HiCache(), not a ConfigError (backends/hicache_file/_options.py make_root "
-    "catches OSError only)",
-)
 def test_a_file_path_with_a_nul_byte_is_a_config_error() -> None:
+    """Was broken: a file-backend path with a NUL byte gives a builtin ValueError ('embedded
+    null byte') from HiCache(), not a ConfigError (backends/hicache_file/_options.py make_root
+    catches OSError only)."""
     cfg = config(
         model_name="m",
         storage_backend="file",
@@ -497,16 +535,13 @@ def test_a_file_path_with_a_nul_byte_is_a_config_error() -> None:
         HiCache(cfg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a file-backend path of '' is taken as the current directory: the cache writes its "
-    "page files (two levels of hex directories) into whatever directory the server runs in, "
-    "e.g. a source checkout; an empty path (an unset variable in a template) should be a "
-    "ConfigError (backends/hicache_file/_options.py: Path('') is Path('.'))",
-)
 def test_an_empty_file_path_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Was broken: a file-backend path of '' is taken as the current directory: the cache
+    writes its page files (two levels of hex directories) into whatever directory the server
+    runs in, e.g. a source checkout; an empty path (an unset variable in a template) should be
+    a ConfigError (backends/hicache_file/_options.py: Path('') is Path('.'))."""
     monkeypatch.chdir(tmp_path)
     cfg = config(
         model_name="m", storage_backend="file", storage_backend_extra_config='{"path": ""}'
@@ -542,18 +577,15 @@ def redis_port(tmp_path: Path) -> Generator[int, None, None]:
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage_backend=redis on trio (the soak: `hicache-async soak --l3 redis --backend "
-    "trio --seed 5` reports 21 cache deaths in 21 segments): HiCache.open() accepts it, every "
-    "L3 call fails ('no running event loop', counted as misses), and leaving `async with "
-    "HiCache.open()` raises a builtin RuntimeError/TypeError from redis.asyncio's "
-    "disconnect (cache.py aclose -> backends/hicache_redis/_backend.py _aclose). The backend is "
-    "asyncio-only (docs/backends.md): open() should refuse it on trio with a HiCacheError",
-)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_redis_l3_on_trio_is_refused_or_closes_cleanly(redis_port: int) -> None:
+    """Was broken: storage_backend=redis on trio (the soak: `hicache-async soak --l3 redis
+    --backend trio --seed 5` reports 21 cache deaths in 21 segments): HiCache.open() accepts
+    it, every L3 call fails ('no running event loop', counted as misses), and leaving `async
+    with HiCache.open()` raises a builtin RuntimeError/TypeError from redis.asyncio's
+    disconnect (cache.py aclose -> backends/hicache_redis/_backend.py _aclose). The backend is
+    asyncio-only (docs/backends.md): open() should refuse it on trio with a HiCacheError."""
     cfg = config(
         model_name="m",
         storage_backend="redis",
@@ -579,15 +611,12 @@ def test_redis_l3_on_trio_is_refused_or_closes_cleanly(redis_port: int) -> None:
 # -- drain() and a best_effort prefetch not started yet -----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cache.drain() returns while a best_effort prefetch a session started (and left) "
-    "has not begun to run: the prefetch holds the session's matched path locked (taken in "
-    "_BackgroundPrefetch.__init__) but is counted in prefetcher.running only once its task "
-    "runs, so cache.check() right after drain() (as its docstring says to call it) raises "
-    "'pages still locked' (session.py prefetch() start_soon; cache.py drain())",
-)
 async def test_drain_waits_for_a_best_effort_prefetch_not_yet_started(stored: Path) -> None:
+    """Was broken: cache.drain() returns while a best_effort prefetch a session started (and
+    left) has not begun to run: the prefetch holds the session's matched path locked (taken in
+    _BackgroundPrefetch.__init__) but is counted in prefetcher.running only once its task runs,
+    so cache.check() right after drain() (as its docstring says to call it) raises 'pages still
+    locked' (session.py prefetch() start_soon; cache.py drain())."""
     async with HiCache.open(file_config(stored, prefetch_policy="best_effort")) as cache:
         await serve(cache, PROMPT[: 4 * PS])  # a device hit, so the prefetch locks a path
         await cache.drain()

@@ -52,6 +52,20 @@ class FileOptions(BaseModel):
         description="Worker threads for file I/O (default: one per CPU, at most 4).",
     )
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _a_real_path(cls, value: object) -> object:
+        if isinstance(value, str | os.PathLike):
+            text = os.fspath(value)
+            if isinstance(text, str) and not text.strip():  # an unset variable in a template
+                raise ValueError(
+                    "an empty path would put the store in the working directory; give the "
+                    "store's directory, or leave 'path' out for ~/.cache/hicache-async"
+                )
+            if "\0" in str(text):
+                raise ValueError("a path cannot hold a NUL byte")
+        return value
+
     @field_validator("capacity_bytes", mode="before")
     @classmethod
     def _no_bool(cls, value: object) -> object:

@@ -58,6 +58,7 @@ class RedisStorage(BlobStorage):
 
     name = "redis"
     options_model = RedisOptions
+    asyncio_only = True  # redis.asyncio
 
     def __init__(self, config: HiCacheStorageConfig, options: RedisOptions | None = None) -> None:
         super().__init__(config, options)

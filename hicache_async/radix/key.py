@@ -135,6 +135,8 @@ def tokens_to_bytes(token_ids: TokenIds) -> bytes:
             )
         if token_ids.is_cpu:  # every request's key: two torch calls fewer than detach().cpu()
             return _from_numpy(token_ids.numpy(force=token_ids.requires_grad))
+        if token_ids.is_meta:
+            raise RadixInputError("token ids on the meta device hold no values")
         return _from_numpy(token_ids.detach().cpu().numpy())
     try:
         ids = array("q", token_ids)

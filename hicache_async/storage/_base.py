@@ -92,6 +92,8 @@ class HiCacheStorage(abc.ABC):
     name: ClassVar[str] = "abstract"
     #: The pydantic model of the backend's options (unknown keys are rejected).
     options_model: ClassVar[type[BaseModel]] = NoOptions
+    #: The backend's client runs on asyncio only (e.g. redis.asyncio): refused on trio.
+    asyncio_only: ClassVar[bool] = False
 
     def __init__(self, config: HiCacheStorageConfig, options: BaseModel | None = None) -> None:
         self.config = config
