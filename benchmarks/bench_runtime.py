@@ -98,7 +98,7 @@ async def serve(cache: HiCache, tokens: torch.Tensor) -> None:
     """One request: match, load, allocate, (the model), commit."""
     async with cache.session(tokens) as s:
         hit = await s.load()
-        new = s.allocate(tokens.numel() - hit.length)
+        new = await s.allocate(tokens.numel() - hit.length)
         await anyio.lowlevel.checkpoint()  # the model would run here
         await s.commit(new)
 
@@ -302,7 +302,7 @@ async def hit_path(requests: list[torch.Tensor], repeats: int) -> dict[str, Any]
         for tokens in requests:  # warm: every prompt cached
             async with cache.session(tokens) as s:
                 hit = await s.load()
-                await s.commit(s.allocate(tokens.numel() - hit.length))
+                await s.commit(await s.allocate(tokens.numel() - hit.length))
         await cache.drain()
 
         clock = time.perf_counter
@@ -381,7 +381,7 @@ async def hit_and_tail(requests: list[torch.Tensor], repeats: int) -> dict[str, 
         for tokens in requests:
             async with cache.session(tokens) as s:
                 hit = await s.load()
-                await s.commit(s.allocate(tokens.numel() - hit.length))
+                await s.commit(await s.allocate(tokens.numel() - hit.length))
         runtime, direct = [], []
         for _ in range(repeats):
             batch = [with_tail(t) for t in requests]
@@ -389,7 +389,7 @@ async def hit_and_tail(requests: list[torch.Tensor], repeats: int) -> dict[str, 
             for tokens in batch:
                 async with cache.session(tokens) as s:
                     hit = await s.load()
-                    await s.commit(s.allocate(tokens.numel() - hit.length))
+                    await s.commit(await s.allocate(tokens.numel() - hit.length))
             runtime.append((time.perf_counter() - start) / len(batch))
             batch = [with_tail(t) for t in requests]
             start = time.perf_counter()

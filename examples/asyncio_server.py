@@ -35,7 +35,7 @@ class PrefillServer:
         async with self.cache.session(tokens, extra_key=request.get("tenant")) as s:
             await s.prefetch()  # L3 -> L2 happens while other requests compute
             hit = await s.load(limit=tokens.numel() - 1)  # the last token gives the logits
-            new = s.allocate(tokens.numel() - hit.length)
+            new = await s.allocate(tokens.numel() - hit.length)
             async with self.model_lock:
                 logits = self.model.forward_cached(
                     tokens[hit.length :], hit.device_indices, new, self.cache.device_pool

@@ -74,6 +74,7 @@ from hicache_async.tiers.device import DeviceTier
 from hicache_async.tiers.host import HostTier
 from hicache_async.tiers.load import Load
 from hicache_async.tiers.prefetch import Prefetcher
+from hicache_async.tiers.room import RoomQueue
 from hicache_async.tiers.write_back import WriteBack
 
 if TYPE_CHECKING:  # the publisher needs the zmq extra; only imported when configured
@@ -137,6 +138,8 @@ class HiCache:
             headroom=config.eviction_headroom,
             keep_unbacked=config.write_policy is WritePolicy.WRITE_BACK and config.host_enabled,
         )
+        self.room = RoomQueue(self.tree, self.device_tier)  # requests waiting for L1 pages
+        self._sessions_open = 0  # entered and not closed: all waiting for room is a deadlock
         # Tensor parallelism: ranks agree (MIN) on each session's hit and on prefetched pages,
         # in tagged rounds that sessions make in lockstep (see consensus.py). L3 writes are
         # not agreed: a rank's write-back jobs follow its own tree, whose nodes split and

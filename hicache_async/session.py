@@ -4,13 +4,15 @@
 async with cache.session(tokens, extra_key=tenant) as s:   # match; lock the matched prefix
     await s.prefetch()                # L3 -> L2 per the prefetch policy
     hit = await s.load()              # L2 -> L1; hit.length, hit.device_indices
-    new = s.allocate(len(tokens) - hit.length)
+    new = await s.allocate(len(tokens) - hit.length)  # waits (FIFO) while L1 is full
     model.forward(tokens, hit.device_indices, new)
     await s.commit(new)               # insert; the backup is scheduled per the write policy
 ```
 
-Leaving the block unlocks what the session locked and frees what it allocated but did not
-commit; cancelling the request at any await rolls back the transition in flight.
+``commit()`` may be called once per chunk (chunked prefill) and ``extend()`` appends decoded
+tokens to allocate and commit like the prompt's. Leaving the block unlocks what the session
+locked and frees what it allocated but did not commit; cancelling the request at any await
+rolls back the transition in flight.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ import torch
 from hicache_async._state import OPEN as _OPEN
 from hicache_async.config import PrefetchPolicy
 from hicache_async.errors import CapacityError, HiCacheError, IndexStateError, LayoutError
-from hicache_async.memory.slots import pages_to_slots
+from hicache_async.memory.slots import pages_to_slots, slots_to_pages
 from hicache_async.metrics import Tier
 from hicache_async.radix import TOKEN_BYTES, MatchResult, RadixInputError, RadixKey, TreeNode
+from hicache_async.radix import Tier as RadixTier
+from hicache_async.radix.key import TokenIds, check_token_ids, tokens_to_bytes
 from hicache_async.tiers.consensus import AgreementError, round_tag
 from hicache_async.tiers.load import HostPart
 from hicache_async.tiers.prefetch import PrefetchControl, PrefetchOutcome, PrefetchResult
+from hicache_async.tiers.room import Turn
 
 if TYPE_CHECKING:
     from hicache_async.cache import HiCache
@@ -41,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["Hit", "Session", "SessionState"]
 
 _DEVICE, _HOST, _STORAGE = Tier.DEVICE, Tier.HOST, Tier.STORAGE
+_NO_PAGES = torch.empty(0, dtype=torch.int64)
 _LOAD_ROUND = 3  # the step bits of a load's agreement round (a prefetch uses 1 and 2)
 _new_hit = tuple.__new__  # Hit(...) runs a Python __new__; the hit path builds one per request
 
@@ -78,20 +84,25 @@ class Session:
     """
 
     __slots__ = (
-        "_allocated",
         "_cache",
+        "_cached",
         "_device_node",
+        "_done",
         "_handed",
-        "_handed_pages",
+        "_handed_start",
         "_hit",
         "_hit_pages",
         "_host_node",
         "_load_round",
         "_match",
         "_ordinal",
+        "_own",
         "_prefetch",
+        "_slot_end",
         "_storage_tokens",
+        "_table",
         "_tag",
+        "_turn",
         "key",
         "priority",
         "state",
@@ -107,9 +118,17 @@ class Session:
         self._match: MatchResult | None = None
         self._device_node: TreeNode | None = None  # device-locked by this session
         self._host_node: TreeNode | None = None  # host-locked by this session (a host hit)
-        self._allocated: torch.Tensor | None = None  # L1 pages reserved, not yet committed
+        # The request's page table: ``_table`` holds the tree's pages of its first
+        # ``_cached`` tokens (locked through ``_device_node``), ``_own`` the pages it
+        # allocated after them (private: a partial page, or pages not committed yet). Of its
+        # tokens, ``_done`` have KV in place (hit + committed) and ``_slot_end`` have slots.
+        # Before load() gives the hit they count from 0 and move past it then (_begin).
+        self._table: torch.Tensor | None = None
+        self._own: torch.Tensor | None = None
+        self._cached = self._done = self._slot_end = 0
         self._handed: torch.Tensor | None = None  # the slots the last allocate() returned
-        self._handed_pages: torch.Tensor | None = None  # and its pages
+        self._handed_start = 0  # and the token they start at
+        self._turn: Turn | None = None  # its place among requests waiting for room
         self._prefetch: _BackgroundPrefetch | None = None
         self._storage_tokens = 0
         self._hit: Hit | None = None
@@ -136,6 +155,7 @@ class Session:
             tree.lock_host(last_host)
             self._host_node = last_host
         cache.counters.requests += 1
+        cache._sessions_open += 1
         self.state = _MATCHED
         return self
 
@@ -151,12 +171,17 @@ class Session:
         """Release everything the session holds (idempotent; sync, so it cannot be cut)."""
         if self.state is _CLOSED:
             return
+        cache = self._cache
+        if self.state is not _NEW:
+            cache._sessions_open -= 1
         if self._prefetch is not None:
             self._prefetch.control.terminate()
+        if self._turn is not None:
+            cache.room.abandon(self._turn)
         self._unlock()
-        if self._allocated is not None:
-            self._cache.device_tier.free_pages(self._allocated)
-            self._allocated = None
+        if self._own is not None:  # the partial last page, slots never committed
+            cache.device_tier.free_pages(self._own)
+            self._own = None
         self.state = _CLOSED
 
     # -- the steps ------------------------------------------------------------------------
@@ -319,155 +344,245 @@ class Session:
         self._hit = hit = Hit(length, indices, by_tier)
         return hit
 
-    def allocate(self, n_tokens: int) -> torch.Tensor:
-        """Device token slots for ``n_tokens`` new tokens (whole pages are reserved), on the
-        L1 pool's device."""
-        if self.state is not _MATCHED:
-            self._expect(_MATCHED)
-        if self._cache.state is not _OPEN:
-            self._cache._check_open()
-        _check_count("allocate()", n_tokens)
+    # -- growing the request: allocate, commit, extend -----------------------------------
+
+    @property
+    def device_indices(self) -> torch.Tensor:
+        """The L1 token slots of every token whose KV is in place: the hit, then what was
+        committed (SGLang's ``prefix_indices``), on the L1 pool's device. After a commit
+        they may differ from the slots handed out: where another request inserted the same
+        pages first, the tree's pages replaced this session's (which were freed)."""
+        self._begin()
+        table = self._table
+        assert table is not None
+        if self._own is not None:
+            table = torch.cat([table, self._own])
         cache = self._cache
-        size = cache.page_size
-        n_pages = -(-n_tokens // size)
-        pages = cache.device_tier.reserve_pages(n_pages)
+        slots = pages_to_slots(table, cache.page_size)[: self._done]
+        return slots.to(cache.device_pool.device) if cache._slots_move else slots
+
+    def extend(self, token_ids: TokenIds) -> None:
+        """Append tokens (the generated ones, during decode) to the request's key; they are
+        then allocated and committed like the prompt's."""
+        self._expect_active()
+        data = tokens_to_bytes(token_ids)
+        check_token_ids(data)
+        if data:
+            key = RadixKey.__new__(RadixKey)  # checked already: no second conversion
+            key.data = bytes(self.key.data) + data
+            key.extra_key = self.key.extra_key
+            self.key = key
+
+    def allocate_nowait(self, n_tokens: int) -> torch.Tensor:
+        """Device token slots for the next ``n_tokens`` tokens, on the L1 pool's device, now
+        or :class:`CapacityError` (evicting first). The session's last page is filled before
+        a new one is taken. Unlike :meth:`allocate` it does not queue behind waiting
+        requests: for the steps of requests already running, which must not wait behind new
+        ones (their pages are what the new ones wait for)."""
+        need = self._pages_for(n_tokens)
+        pages = self._reserve(need)
         if pages is None:
-            raise CapacityError(
-                f"L1 has no room for {n_pages} pages even after eviction; fewer concurrent "
-                f"requests or more device_pages"
-            )
-        self._allocated = pages if self._allocated is None else torch.cat([self._allocated, pages])
-        slots = pages_to_slots(pages, size)
-        if n_tokens < slots.numel():
-            slots = slots[:n_tokens]
-        if cache._slots_move:  # where the model indexes
-            slots = slots.to(cache.device_pool.device)
-        self._handed, self._handed_pages = slots, pages
-        return slots
+            raise CapacityError(_room_report(self._cache, need))
+        return self._hand(n_tokens, pages)
+
+    # ``timeout`` bounds the wait for room alone (a CapacityError with the room report, not
+    # the caller's cancellation): what anyio's fail_after around the call cannot say.
+    async def allocate(
+        self,
+        n_tokens: int,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> torch.Tensor:
+        """:meth:`allocate_nowait`, waiting (first come, first served) while L1 has no room:
+        until requests end, evictions become possible or backups land. After ``timeout``
+        seconds, or at once when no room can ever come (every open request waits for room
+        and no background work will free any), a :class:`CapacityError` saying how much was
+        asked, free, evictable and locked."""
+        need = self._pages_for(n_tokens)
+        cache = self._cache
+        room = cache.room
+        if not room.waiting:  # nobody ahead: take it now if there is room
+            pages = self._reserve(need)
+            if pages is not None:
+                return self._hand(n_tokens, pages)
+        if need > cache.l1.allocator.usable:
+            raise CapacityError(_room_report(cache, need))
+
+        async def take() -> torch.Tensor | None:
+            await cache.ensure_device_room(need)
+            return cache.device_tier.reserve_pages(need)
+
+        self._turn = turn = Turn()
+        got: torch.Tensor | None = None
+        try:
+            with anyio.move_on_after(timeout):
+                got = await room.wait(turn, take, lambda: _no_room_ever(cache, need))
+        finally:
+            self._turn = None
+        if got is None:
+            raise CapacityError(f"waited {timeout} s: " + _room_report(cache, need))
+        if self.state is _CLOSED:  # closed as it got the pages: give them back
+            cache.device_tier.free_pages(got)
+            self._still_matched("allocate()")
+        return self._hand(n_tokens, got)
 
     async def commit(self, new_slots: torch.Tensor) -> int:
-        """Insert the prompt's KV (the hit, then ``new_slots``) into the tree; returns how many
-        tokens were cached by another request meanwhile (their duplicate slots are freed)."""
-        if self.state is not _MATCHED:
-            self._expect(_MATCHED)
-        if self._cache.state is not _OPEN:
-            self._cache._check_open()
+        """Insert the KV of the next ``len(new_slots)`` tokens (after what is cached or
+        committed so far); call it once per chunk of a chunked prefill, once per decode step,
+        or once for the whole prompt. Every whole page written so far goes into the tree at
+        once (a request that starts afterwards hits it) and stays locked for this session; a
+        partial last page stays private until it is full or the session ends. Returns how
+        many of the tokens another request cached first: their pages are freed and
+        :attr:`device_indices` uses the tree's."""
+        self._expect_active()
         if not isinstance(new_slots, torch.Tensor) or new_slots.device.type == "meta":
             raise LayoutError(
                 f"commit() takes the token slots allocate() returned (a tensor), not "
                 f"{_describe(new_slots)}"
             )
-        hit = self._hit
-        if hit is None:
-            hit = await self.load()
+        if self._hit is None:
+            await self.load()
             self._still_matched("commit()")  # closed while it loaded: its slots are freed
-        cache = self._cache
-        size = cache.page_size
-        if new_slots is self._handed and self._handed_pages is self._allocated:
-            duplicates = self._commit_pages(hit)
-            if duplicates is not None:
-                return duplicates
-        hit_indices = hit.device_indices
-        new = new_slots  # what allocate() handed out is on the tree's device already
-        if new_slots is not self._handed:
-            new = new_slots.to(hit_indices.device)
-            self._check_own(new)
-        fresh = bool(hit.length)  # a concatenation is ours alone: the tree may keep views of it
-        slots = torch.cat([hit_indices, new]) if fresh else new
-        n = slots.numel()
-        n_tokens = len(self.key.data) // TOKEN_BYTES
-        if n > n_tokens:
-            raise LayoutError(f"{n} slots for a prompt of {n_tokens} tokens")
-        aligned = n // size * size
-        duplicates = 0
-        if aligned > hit.length:
-            key = self.key.prefix(aligned) if aligned < n_tokens else self.key  # a view
-            if aligned < n:
-                slots = slots[:aligned]
-            present = cache.tree.insert(key, slots, self.priority, copy=not fresh)
-            duplicates = self._inserted(key, new_slots, hit.length, present, aligned)
+        self._begin()
+        start, n = self._done, new_slots.numel()
+        if new_slots is not self._handed or self._handed_start != start:
+            self._check_next(new_slots, start)
+        self._done = start + n
+        duplicates = self._insert_whole_pages()
         self.state = _COMMITTED
         return duplicates
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _commit_pages(self, hit: Hit) -> int | None:
-        """:meth:`commit` of the usual request (an L1 hit, then one allocate() for the rest)
-        with the page tables the session holds: no slot -> page conversion or check. None
-        when the request is not of that shape (the slot path handles it)."""
-        cache = self._cache
-        hit_pages, handed = self._hit_pages, self._handed_pages
-        if hit_pages is None or handed is None or cache._slots_move:
-            return None
-        size = cache.page_size
-        new_slots = self._handed
-        assert new_slots is not None
-        n_tokens = len(self.key.data) // TOKEN_BYTES
-        n = hit.length + new_slots.numel()
-        if n > n_tokens:
-            raise LayoutError(f"{n} slots for a prompt of {n_tokens} tokens")
-        aligned = n // size * size
-        duplicates = 0
-        if aligned > hit.length:
-            taken = (aligned - hit.length) // size
-            pages = torch.cat([hit_pages, handed[:taken]]) if hit.length else handed[:taken]
-            key = self.key.prefix(aligned) if aligned < n_tokens else self.key  # a view
-            present = cache.tree.insert_pages(key, pages, self.priority)
-            duplicates = self._inserted(key, new_slots, hit.length, present, aligned)
-        self.state = _COMMITTED
-        return duplicates
-
-    def _inserted(
-        self, key: RadixKey, new: torch.Tensor, start: int, present: int, end: int
-    ) -> int:
-        """After the tree took ``key`` (tokens ``[start, end)`` new from this session, the first
-        ``present`` cached already): settle page ownership, announce and back up what is new;
-        the number of duplicate tokens (cached by another request meanwhile)."""
-        self._give_to_tree(new, start, present, end)
-        self._cache.after_insert(key, end - present)
-        if present <= start:
-            return 0
-        return (present if present < end else end) - start
-
-    def _check_own(self, slots: torch.Tensor) -> None:
-        """Refuse slots on pages this session did not allocate: the tree would own a page
-        another session (or the allocator) also owns, and both would free it."""
-        if not slots.numel():
+    def _begin(self) -> None:
+        """Start the page table at the hit (once ``load()`` gave it): the positions of
+        slots allocated before the load move to just after the hit."""
+        if self._table is not None:
             return
+        hit = self._hit
+        if hit is None:
+            raise HiCacheError("load() the hit first: the request's tokens continue after it")
+        table = self._hit_pages
+        if table is None:
+            table = slots_to_pages(hit.device_indices.cpu(), self._cache.page_size)
+        self._table = table
+        self._cached += hit.length
+        self._done += hit.length
+        self._slot_end += hit.length
+
+    def _pages_for(self, n_tokens: int) -> int:
+        """Check an allocation of ``n_tokens`` and count the new pages it takes."""
+        if self.state is not _MATCHED:
+            self._expect_active()
+        if self._cache.state is not _OPEN:
+            self._cache._check_open()
+        _check_count("allocate()", n_tokens)
+        if self._hit is not None:
+            self._begin()
+        end = self._slot_end + n_tokens
+        if end > len(self.key.data) // TOKEN_BYTES:
+            raise LayoutError(
+                f"allocate({n_tokens}) goes past the request's {len(self.key)} tokens "
+                f"({self._slot_end} have slots); extend() the key with new tokens first"
+            )
+        size = self._cache.page_size
+        held = self._cached // size + (0 if self._own is None else self._own.numel())
+        return max(0, -(-end // size) - held)
+
+    def _reserve(self, n_pages: int) -> torch.Tensor | None:
+        if not n_pages:
+            return _NO_PAGES
+        return self._cache.device_tier.reserve_pages(n_pages)
+
+    def _hand(self, n_tokens: int, pages: torch.Tensor) -> torch.Tensor:
+        """Add ``pages`` to the session's own pages; the slots of the next ``n_tokens``."""
+        cache = self._cache
+        size = cache.page_size
+        start = self._slot_end
+        own = self._own
+        if own is None and start == self._cached:  # the usual case: fresh pages only
+            self._own = pages
+            slots = pages_to_slots(pages, size)
+            if n_tokens < slots.numel():
+                slots = slots[:n_tokens]
+        else:
+            if pages.numel():
+                own = pages if own is None else torch.cat([own, pages])
+                self._own = own
+            slots = self._own_slots(start, n_tokens)
+        self._slot_end = start + n_tokens
+        if cache._slots_move:  # where the model indexes
+            slots = slots.to(cache.device_pool.device)
+        self._handed, self._handed_start = slots, start
+        return slots
+
+    def _own_slots(self, start: int, n_tokens: int) -> torch.Tensor:
+        """The slots of tokens ``[start, start + n_tokens)`` in the session's own pages."""
+        own = self._own
+        if own is None:
+            return _NO_PAGES
+        first = start - self._cached
+        return pages_to_slots(own, self._cache.page_size)[first : first + n_tokens]
+
+    def _check_next(self, slots: torch.Tensor, start: int) -> None:
+        """Refuse slots that are not the next ones this session allocated: the tree would
+        own a page another session (or the allocator) also owns, and both would free it."""
+        n = slots.numel()
         if slots.dtype != torch.int64 or slots.dim() != 1:
             raise LayoutError(f"slots must be a 1-D int64 tensor, got {slots.dtype} {slots.shape}")
-        pages = torch.unique(slots.cpu() // self._cache.page_size)
-        allocated = self._allocated
-        if allocated is None or not bool(torch.isin(pages, allocated).all()):
+        n_tokens = len(self.key.data) // TOKEN_BYTES
+        if start + n > n_tokens:
+            raise LayoutError(f"{start + n} slots for a request of {n_tokens} tokens")
+        if start + n > self._slot_end or not torch.equal(slots.cpu(), self._own_slots(start, n)):
             raise HiCacheError(
-                "commit() takes the slots this session's allocate() returned (or a part of "
-                "them); these include pages it does not hold. Use the tree's insert() for "
-                "slots allocated elsewhere"
+                f"commit() takes the slots this session's allocate() returned for its next "
+                f"tokens, in order (from token {start}; {self._slot_end - start} allocated); "
+                f"these are not. Use the tree's insert() for slots allocated elsewhere"
             )
 
-    def _give_to_tree(self, new: torch.Tensor, start: int, present: int, end: int) -> None:
-        """The tree now owns ``new``'s whole pages in ``[max(start, present), end)``; slots
-        another request cached first (``[start, present)``) and the partial tail stay ours to
-        free on exit."""
-        allocated = self._allocated
-        if allocated is None:
-            return
-        size = self._cache.page_size
-        if new is self._handed and allocated is self._handed_pages and present <= start:
-            # The usual case: one allocate() for the rest of the prompt, its leading pages now
-            # in the tree; what is left is the partial last page, if any.
-            taken = (end - start) // size
-            self._allocated = allocated[taken:] if taken < allocated.numel() else None
-            return
-        owned = new[max(0, present - start) : max(0, end - start)]
-        if owned.numel():
-            # A few pages: a set is far cheaper than torch.isin on small tensors.
-            taken_pages = set((owned[::size] // size).tolist())
-            kept = [i for i, page in enumerate(allocated.tolist()) if page not in taken_pages]
-            if not kept:  # the tree took every page
-                self._allocated = None
-            elif len(kept) < allocated.numel():
-                self._allocated = allocated[torch.tensor(kept, dtype=torch.int64)]
+    def _insert_whole_pages(self) -> int:
+        """Put the whole pages written so far into the tree and move the session's lock to
+        their last node; the tokens another request had inserted first (pages freed)."""
+        cache = self._cache
+        size = cache.page_size
+        aligned = self._done // size * size
+        cached = self._cached
+        if aligned <= cached:
+            return 0
+        own, table = self._own, self._table
+        assert own is not None
+        assert table is not None
+        k = (aligned - cached) // size
+        fresh = own[:k]
+        pages = torch.cat([table, fresh]) if table.numel() else fresh
+        key = self.key.prefix(aligned) if aligned < len(self.key.data) // TOKEN_BYTES else self.key
+        tree = cache.tree
+        present = tree.insert_pages(key, pages, self.priority)
+        duplicates = 0
+        if present <= cached:  # the tree took every new page (a new node, or adopted)
+            last = tree.find(key)
+            self._table, self._cached = pages, aligned
+            self._own = own[k:] if k < own.numel() else None
+        else:
+            # Another request inserted some first (or a load holds the rest): the tree's
+            # pages replace ours where they differ; ours past what L1 holds stay private.
+            tree_pages, last = tree.device_path(key)
+            held = tree_pages.numel()
+            mine = own[: held - cached // size]
+            dup = mine[mine != tree_pages[cached // size : held]]
+            if dup.numel():
+                cache.device_tier.free_pages(dup)
+                duplicates = dup.numel() * size
+            self._table, self._cached = tree_pages, held * size
+            rest = own[held - cached // size :]
+            self._own = rest if rest.numel() else None
+        old = self._device_node
+        tree.lock(last)
+        self._device_node = last
+        if old is not None:
+            tree.unlock(old)
+        cache.after_insert(key, aligned - present)
+        return duplicates
 
     async def _loadable(self, match: MatchResult) -> MatchResult:
         """Match again until the host part can be loaded now: a part another request is
@@ -578,9 +693,41 @@ class Session:
         if self.state is _CLOSED:
             raise HiCacheError(f"the session was closed while {step} was in flight")
 
+    def _expect_active(self) -> None:
+        """Entered and not closed (matched, or committed some), in an open cache."""
+        if self.state is not _MATCHED and self.state is not _COMMITTED:
+            self._expect(_MATCHED)
+        if self._cache.state is not _OPEN:
+            self._cache._check_open()
+
     def _expect(self, state: SessionState) -> None:
         if self.state is not state:
             raise HiCacheError(f"the session is {self.state.value}; this step needs {state.value}")
+
+
+def _room_report(cache: HiCache, pages: int) -> str:
+    """How much an allocation asked for, and where L1's pages are."""
+    allocator, tree, size = cache.l1.allocator, cache.tree, cache.page_size
+    return (
+        f"L1 has no room for {pages} pages: {allocator.available} free, "
+        f"{tree.evictable_size(RadixTier.DEVICE) // size} evictable, "
+        f"{tree.protected_size(RadixTier.DEVICE) // size} locked by requests in flight, of "
+        f"{allocator.usable}; {cache.room.waiting} requests waiting for room. Fewer concurrent "
+        f"requests, shorter chunks or more device_pages (or allocate(timeout=...) to wait)"
+    )
+
+
+def _no_room_ever(cache: HiCache, pages: int) -> str | None:
+    """Why a wait for room can never end, or None: every open request is waiting for room
+    (none will end and free its pages) and no backup or prefetch in flight will unpin any."""
+    if cache.room.waiting < cache._sessions_open or cache._backups_pending.count:
+        return None
+    if cache.prefetcher is not None and cache.prefetcher.running.count:
+        return None
+    return (
+        f"every open request ({cache._sessions_open}) is waiting for L1 room, so none can "
+        f"free any: " + _room_report(cache, pages)
+    )
 
 
 def check_priority(priority: object) -> None:

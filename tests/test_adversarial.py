@@ -63,7 +63,7 @@ async def serve(
         await s.prefetch()
         hit = await s.load()
         assert wrong_bytes(cache.device_pool, hit.device_indices, kv[: hit.length]) == 0
-        slots = s.allocate(len(tokens) - hit.length)
+        slots = await s.allocate(len(tokens) - hit.length)
         write_kv(cache.device_pool, slots, kv[hit.length :])
         await s.commit(slots)
     return int(hit.length)
@@ -123,7 +123,7 @@ async def _write_back_request_cancelled_at(path: Path, at: int) -> tuple[int, bo
                 hits.append(hit)
                 kv = expected_kv(cache.layout, prefix_hashes(PROMPT, None))
                 assert wrong_bytes(cache.device_pool, hit.device_indices, kv[: hit.length]) == 0
-                slots = s.allocate(len(PROMPT) - hit.length)
+                slots = await s.allocate(len(PROMPT) - hit.length)
                 write_kv(cache.device_pool, slots, kv[hit.length :])
                 await s.commit(slots)
 
@@ -177,7 +177,7 @@ async def _serve_model(path: str, name: str, dtype: str, salt: int) -> list[tupl
                 await s.prefetch()
                 hit = await s.load()
                 wrong = wrong_bytes(cache.device_pool, hit.device_indices, kv[: hit.length])
-                slots = s.allocate(len(tokens) - hit.length)
+                slots = await s.allocate(len(tokens) - hit.length)
                 write_kv(cache.device_pool, slots, kv[hit.length :])
                 await s.commit(slots)
             out.append((int(hit.length), wrong))
@@ -293,7 +293,7 @@ async def test_close_while_commit_awaits_its_load_keeps_the_index_intact() -> No
         gate = hold_loads(cache)
         session = cache.session(tokens)
         await session.__aenter__()
-        slots = session.allocate(4 * PS)  # the new tokens' slots, before the load
+        slots = await session.allocate(4 * PS)  # the new tokens' slots, before the load
         kv = expected_kv(cache.layout, prefix_hashes(tokens, None))
         write_kv(cache.device_pool, slots, kv[len(PROMPT) :])
         outcome: list[object] = []
@@ -348,7 +348,7 @@ async def _request_closed_at(path: Path, policy: str, at: int) -> int:
                     await anyio.lowlevel.checkpoint()
                     hit = await s.load()
                     assert wrong_bytes(cache.device_pool, hit.device_indices, kv[: hit.length]) == 0
-                    slots = s.allocate(len(tokens) - hit.length)
+                    slots = await s.allocate(len(tokens) - hit.length)
                     write_kv(cache.device_pool, slots, kv[hit.length :])
                     await s.commit(slots)
                 except HiCacheError:
@@ -427,9 +427,9 @@ async def _session_step(cache: HiCache, step: str, arg: Any) -> None:
             return
         await s.load()
         if step == "allocate":
-            s.allocate(arg)
+            await s.allocate(arg)
             return
-        slots = s.allocate(2 * PS)
+        slots = await s.allocate(2 * PS)
         await s.commit(arg(slots))
 
 
@@ -509,11 +509,11 @@ async def test_a_huge_prompt_is_a_capacity_error_and_leaks_nothing() -> None:
         async with cache.session(tokens) as s:
             hit = await s.load()
             with pytest.raises(HiCacheError):
-                s.allocate(len(tokens) - hit.length)
+                await s.allocate(len(tokens) - hit.length)
             with pytest.raises(HiCacheError):
-                s.allocate(10**12)
+                await s.allocate(10**12)
             with pytest.raises(HiCacheError):
-                s.allocate(-1)
+                await s.allocate(-1)
         await assert_settled(cache)
         assert await serve(cache, PROMPT) == 0
         await assert_settled(cache)

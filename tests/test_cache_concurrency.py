@@ -66,7 +66,7 @@ async def test_64_concurrent_sessions() -> None:
                     hit = await s.load()
                     assert_kv(cache, tokens[: hit.length], hit.device_indices)
                     try:
-                        new = s.allocate(tokens.numel() - hit.length)
+                        new = await s.allocate(tokens.numel() - hit.length)
                     except CapacityError:
                         refused += 1  # L1 full of pages other requests hold: try later
                         continue

@@ -51,7 +51,7 @@ async def serve(cache: HiCache, tokens: torch.Tensor) -> int:
         await s.prefetch()
         hit = await s.load()
         assert_kv(cache, tokens[: hit.length], hit.device_indices)  # bit-exact hits
-        new = s.allocate(tokens.numel() - hit.length)
+        new = await s.allocate(tokens.numel() - hit.length)
         write_kv(cache, tokens[hit.length :], new)
         await s.commit(new)
         return hit.length

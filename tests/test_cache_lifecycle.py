@@ -46,7 +46,7 @@ async def test_close_drains_queued_backups_and_writes() -> None:
     async with HiCache.open(config()) as cache:
         async with cache.session(tokens) as s:
             await s.load()
-            new = s.allocate(8)
+            new = await s.allocate(8)
             await s.commit(new)
         storage = cache.storage
     assert storage is not None

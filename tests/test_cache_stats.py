@@ -33,7 +33,7 @@ async def test_storage_errors_count_write_back_deadline_misses_and_backend_error
         tokens = torch.arange(8)
         async with cache.session(tokens) as s:
             hit = await s.load()
-            await s.commit(s.allocate(tokens.numel() - hit.length))
+            await s.commit(await s.allocate(tokens.numel() - hit.length))
         await cache.drain()
         storage.stats.record_error("io", "injected")  # one error the backend counted itself
         assert cache.counters.storage_errors >= 1

@@ -24,7 +24,7 @@ async def scenario(config: HiCacheConfig) -> list[int]:
                 await s.prefetch()
                 hit = await s.load()
                 assert_kv(cache, prompt[: hit.length], hit.device_indices)
-                new = s.allocate(prompt.numel() - hit.length)
+                new = await s.allocate(prompt.numel() - hit.length)
                 write_kv(cache, prompt[hit.length :], new)
                 await s.commit(new)
             hits.append(hit.length)

@@ -171,7 +171,7 @@ async def test_write_back_allocate_never_drops_an_unbacked_page() -> None:
             # Straight to allocate (no load(), which would make room with backups first):
             # the sync reservation may refuse, but never by dropping X's unbacked pages.
             with contextlib.suppress(CapacityError):
-                slots = s.allocate(z.numel())
+                slots = await s.allocate(z.numel())
                 write_kv(cache, z, slots)
                 await s.commit(slots)
         assert _tokens_cached(cache, x) == x.numel()
@@ -226,8 +226,8 @@ async def test_committing_another_sessions_slots_is_refused() -> None:
         async with cache.session(a_tokens) as a, cache.session(b_tokens) as b:
             await a.load()
             await b.load()
-            a_slots = a.allocate(a_tokens.numel())
-            b.allocate(b_tokens.numel())
+            a_slots = await a.allocate(a_tokens.numel())
+            await b.allocate(b_tokens.numel())
             write_kv(cache, b_tokens, a_slots)
             with pytest.raises(HiCacheError, match="allocate"):
                 await b.commit(a_slots)
@@ -248,7 +248,7 @@ async def test_load_after_the_session_ended_is_refused() -> None:
         with pytest.raises(HiCacheError, match="closed"):
             await s.load()
         with pytest.raises(HiCacheError, match="closed"):
-            s.allocate(4)
+            await s.allocate(4)
         await settled(cache)
 
 

@@ -14,7 +14,7 @@ async def test_hicache_fixture_is_open_and_usable(hicache: HiCache) -> None:
         async with hicache.session(tokens) as s:
             hit = await s.load()
             assert hit.length == expected
-            await s.commit(s.allocate(tokens.numel() - hit.length))
+            await s.commit(await s.allocate(tokens.numel() - hit.length))
 
 
 def test_hicache_config_fixture_uses_the_tests_tmp_path(hicache_config: HiCacheConfig) -> None:

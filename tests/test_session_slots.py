@@ -29,13 +29,13 @@ async def test_partial_last_page_is_freed_and_whole_pages_kept() -> None:
         tokens = torch.arange(10)  # two whole pages and two tokens
         async with cache.session(tokens) as s:
             hit = await s.load()
-            await s.commit(s.allocate(tokens.numel() - hit.length))
+            await s.commit(await s.allocate(tokens.numel() - hit.length))
         await assert_pages_accounted(cache)
         assert cache.tree.total_size(RadixTier.DEVICE) == 8
         async with cache.session(torch.arange(12)) as s:  # a hit on the first two pages
             hit = await s.load()
             assert hit.length == 8
-            await s.commit(s.allocate(4))
+            await s.commit(await s.allocate(4))
         await assert_pages_accounted(cache)
 
 
@@ -44,7 +44,7 @@ async def test_two_allocations_committed_together() -> None:
         tokens = torch.arange(100, 114)
         async with cache.session(tokens) as s:
             await s.load()
-            first, second = s.allocate(8), s.allocate(6)
+            first, second = await s.allocate(8), await s.allocate(6)
             await s.commit(torch.cat([first, second]))
         await assert_pages_accounted(cache)
         assert cache.tree.total_size(RadixTier.DEVICE) == 12
@@ -55,8 +55,8 @@ async def test_slots_another_request_cached_first_are_freed() -> None:
         tokens = torch.arange(200, 216)
         a, b = cache.session(tokens), cache.session(tokens)
         async with a, b:
-            slots_a = a.allocate(16 - (await a.load()).length)
-            slots_b = b.allocate(16 - (await b.load()).length)
+            slots_a = await a.allocate(16 - (await a.load()).length)
+            slots_b = await b.allocate(16 - (await b.load()).length)
             assert await a.commit(slots_a) == 0
             assert await b.commit(slots_b) == 16  # all duplicates: b's pages go back
         await assert_pages_accounted(cache)
@@ -67,7 +67,7 @@ async def test_uncommitted_allocation_is_freed_on_exit() -> None:
     async with HiCache.open(config()) as cache:
         async with cache.session(torch.arange(300, 320)) as s:
             await s.load()
-            s.allocate(20)
+            await s.allocate(20)
         await assert_pages_accounted(cache)
         assert cache.l1.allocator.used == 0
 
@@ -89,7 +89,7 @@ async def test_usual_commit_hands_the_tree_page_tables(monkeypatch) -> None:
         for tokens in (torch.arange(10), torch.arange(14), torch.arange(14)):
             async with cache.session(tokens) as s:
                 hit = await s.load()
-                new = s.allocate(tokens.numel() - hit.length)
+                new = await s.allocate(tokens.numel() - hit.length)
                 handed.append((hit.device_indices, new))
                 await s.commit(new)
             await assert_pages_accounted(cache)

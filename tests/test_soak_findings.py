@@ -43,7 +43,7 @@ async def serve(cache: HiCache, tokens: list[int]) -> int:
         await s.prefetch()
         hit = await s.load()
         assert wrong_bytes(cache.device_pool, hit.device_indices, kv[: hit.length]) == 0
-        slots = s.allocate(len(tokens) - hit.length)
+        slots = await s.allocate(len(tokens) - hit.length)
         write_kv(cache.device_pool, slots, kv[hit.length :])
         await s.commit(slots)
     return int(hit.length)
@@ -74,7 +74,7 @@ async def test_commit_of_another_sessions_slots_is_refused() -> None:
     async with HiCache.open(config()) as cache:
         async with cache.session(PROMPT) as a:
             await a.load()
-            slots = a.allocate(len(PROMPT))
+            slots = await a.allocate(len(PROMPT))
             write_kv(cache.device_pool, slots, kv)
             async with cache.session(other) as b:
                 await b.load()
@@ -138,7 +138,7 @@ async def test_commit_after_the_cache_closed_is_a_closed_error() -> None:
     session = cache.session(PROMPT)
     await session.__aenter__()
     await session.load()
-    slots = session.allocate(len(PROMPT))
+    slots = await session.allocate(len(PROMPT))
     write_kv(cache.device_pool, slots, kv)
     await cache.aclose()  # the server shuts down while the request is in flight
     try:

@@ -102,7 +102,7 @@ async def _serve(
     async with cache.session(tokens) as s:
         await s.prefetch()
         hit = await s.load(limit=tokens.numel() - 1)  # the last token is computed for logits
-        new = s.allocate(tokens.numel() - hit.length)
+        new = await s.allocate(tokens.numel() - hit.length)
         logits = model.forward_cached(
             tokens[hit.length :],
             hit.device_indices,

@@ -18,6 +18,7 @@ Eviction and tier transitions live in :mod:`hicache_async.radix.tiers`; this mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import numpy as np
@@ -123,6 +124,9 @@ class RadixTreeBase:
         self._host_evictable = self._host_protected = 0
         self._roots: dict[str | None, TreeNode] = {}
         self.root = self._root_for(None)
+        # Called after an unlock made device pages evictable, while set: requests waiting
+        # for L1 room set it (None otherwise, so the hit path pays one test).
+        self.on_device_unlock: Callable[[], None] | None = None
 
     # ----------------------------------------------------------------------- counters
 
@@ -358,6 +362,30 @@ class RadixTreeBase:
             off += nb
             node = child
         return node
+
+    def device_path(self, key: RadixKey) -> tuple[torch.Tensor, TreeNode]:
+        """The device pages of ``key``'s longest prefix of whole nodes that L1 holds, and the
+        node it ends at. Read-only, like :meth:`find` (a session's own commit reads back the
+        page table the tree now holds: no use of the KV, no hit)."""
+        pb = self._pb
+        data = memoryview(key.data)
+        end = len(data) // pb * pb
+        node = self._roots.get(key.extra_key) or self.root
+        off = 0
+        pages: list[torch.Tensor] = []
+        while off < end:
+            child = node.children.get(bytes(data[off : off + pb]))
+            if child is None or child.state not in _DEVICE_VALID:
+                break
+            nb = len(child.tokens) * TOKEN_BYTES
+            if nb > end - off or not self._same_ids(child.tokens, data, off):
+                break
+            pages.append(child.device_pages)  # type: ignore[arg-type]
+            off += nb
+            node = child
+        if not pages:
+            return self._empty, node
+        return (pages[0] if len(pages) == 1 else torch.cat(pages)), node
 
     def _same_ids(self, tokens: np.ndarray[Any, Any], data: memoryview, off: int) -> bool:
         """Whether a node's ``tokens`` equal the key bytes from ``off`` on: widened to int64
@@ -629,6 +657,8 @@ class RadixTreeBase:
                 if x.state is not _REMOVED:
                     self._refresh(x)
             x = x.parent
+        if self.on_device_unlock is not None and node.device_lock_ref == 0:
+            self.on_device_unlock()
 
     def lock_host(self, node: TreeNode) -> None:
         """Protect the host copy of ``node`` and its ancestors from host eviction."""

@@ -7,7 +7,6 @@ allocate the rest, write its KV as a model would, commit, exit. Counts go to a :
 
 from __future__ import annotations
 
-import inspect
 import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ __all__ = ["MAX_ERRORS", "Tally", "run_bad", "serve"]
 
 MAX_ERRORS = 10  # errors kept with their tracebacks (the rest are only counted)
 DEADLINE_SLACK_S = 1.0  # a timed prefetch may end this long after its deadline
+ALLOCATE_TIMEOUT_S = 2.0  # a request waits this long for L1 room, then gives up (counted)
 
 
 @dataclass
@@ -86,12 +86,9 @@ class Ctx:
 
 
 async def _allocate(session: Session, n: int) -> torch.Tensor:
-    """``session.allocate(n)``, whether it returns the slots or (newer API) an awaitable."""
-    slots: Any = session.allocate(n)
-    if inspect.isawaitable(slots):
-        slots = await slots
-    assert isinstance(slots, torch.Tensor)
-    return slots
+    """``session.allocate(n)``: waits for room (bounded, so that a full L1 is a counted
+    CapacityError, never a stuck request)."""
+    return await session.allocate(n, timeout=ALLOCATE_TIMEOUT_S)
 
 
 def _timed(ctx: Ctx, step: str, started: float, tokens: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import torch
 
@@ -31,6 +32,7 @@ class PagedTier(abc.ABC):
         self.page_size = page_size
         self.headroom = int(allocator.usable * headroom)  # pages
         self.evicted_pages = 0
+        self.on_free: Callable[[], None] | None = None  # set while requests wait for room
 
     def reserve(self, n_pages: int) -> torch.Tensor | None:
         """Token slots of ``n_pages`` pages, evicting as needed; None if impossible."""
@@ -48,11 +50,15 @@ class PagedTier(abc.ABC):
         """Return token slots (whole pages) to the pool."""
         if slots.numel():
             self.allocator.free(slots_to_pages(slots.cpu(), self.page_size))
+            if self.on_free is not None:
+                self.on_free()
 
     def free_pages(self, pages: torch.Tensor) -> None:
         """Return int64 page indices to the pool (reserved ones, or what evictions hand back)."""
         if pages.numel():
             self.allocator.free(pages.cpu())
+            if self.on_free is not None:
+                self.on_free()
 
     @abc.abstractmethod
     def evict(self, n_pages: int) -> int:

@@ -204,7 +204,7 @@ async def _serve(
                 request.hash_ids[:hit_pages], hit.device_indices
             )
         try:
-            new = s.allocate(tokens.numel() - hit.length)
+            new = await s.allocate(tokens.numel() - hit.length)
         except CapacityError:
             result.refused += 1
         else:

@@ -51,7 +51,7 @@ async def _hit(cache: Any, tokens: torch.Tensor, *, prefetch: bool = False) -> i
         if prefetch:
             await s.prefetch()
         hit = await s.load()
-        await s.commit(s.allocate(tokens.numel() - hit.length))
+        await s.commit(await s.allocate(tokens.numel() - hit.length))
         return int(hit.length)
 
 
