@@ -139,6 +139,12 @@ class Session:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        return self.enter()
+
+    def enter(self) -> Self:
+        """Match the key and lock the matched prefix: what ``async with`` does on entry, for
+        a scheduler's own loop (the scheduler-level API; pair it with :meth:`finish` or
+        :meth:`abort`)."""
         cache = self._cache
         if cache.state is not _OPEN:
             cache._check_open()
@@ -165,6 +171,16 @@ class Session:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def finish(self) -> None:
+        """End the request (the scheduler-level API's ``async with`` exit): what it committed
+        stays in the tree, the private tail and uncommitted slots are freed, locks released."""
+        self.close()
+
+    def abort(self) -> None:
+        """End the request without finishing it: the same release as :meth:`finish` (every
+        commit is whole, so nothing is half-inserted)."""
         self.close()
 
     def close(self) -> None:
@@ -379,11 +395,11 @@ class Session:
         a new one is taken. Unlike :meth:`allocate` it does not queue behind waiting
         requests: for the steps of requests already running, which must not wait behind new
         ones (their pages are what the new ones wait for)."""
-        need = self._pages_for(n_tokens)
-        pages = self._reserve(need)
-        if pages is None:
+        slots = self.try_allocate(n_tokens)
+        if slots is None:
+            need = self._pages_for(n_tokens)
             raise CapacityError(_room_report(self._cache, need))
-        return self._hand(n_tokens, pages)
+        return slots
 
     # ``timeout`` bounds the wait for room alone (a CapacityError with the room report, not
     # the caller's cancellation): what anyio's fail_after around the call cannot say.
@@ -434,15 +450,36 @@ class Session:
         partial last page stays private until it is full or the session ends. Returns how
         many of the tokens another request cached first: their pages are freed and
         :attr:`device_indices` uses the tree's."""
+        self._check_slots(new_slots)
+        if self._hit is None:
+            await self.load()
+            self._still_matched("commit()")  # closed while it loaded: its slots are freed
+        return self._commit(new_slots)
+
+    def commit_nowait(self, new_slots: torch.Tensor) -> int:
+        """:meth:`commit` for a scheduler's own (synchronous) step, once ``load()`` gave the
+        hit: it never suspends (SGLang's ``cache_unfinished_req`` per chunk)."""
+        self._check_slots(new_slots)
+        if self._hit is None:
+            raise HiCacheError("commit_nowait() needs the hit: await load() first")
+        return self._commit(new_slots)
+
+    def try_allocate(self, n_tokens: int) -> torch.Tensor | None:
+        """:meth:`allocate_nowait`, or None when L1 has no room now (a scheduler leaves the
+        request waiting for its next step)."""
+        need = self._pages_for(n_tokens)
+        pages = self._reserve(need)
+        return None if pages is None else self._hand(n_tokens, pages)
+
+    def _check_slots(self, new_slots: object) -> None:
         self._expect_active()
         if not isinstance(new_slots, torch.Tensor) or new_slots.device.type == "meta":
             raise LayoutError(
                 f"commit() takes the token slots allocate() returned (a tensor), not "
                 f"{_describe(new_slots)}"
             )
-        if self._hit is None:
-            await self.load()
-            self._still_matched("commit()")  # closed while it loaded: its slots are freed
+
+    def _commit(self, new_slots: torch.Tensor) -> int:
         self._begin()
         start, n = self._done, new_slots.numel()
         if new_slots is not self._handed or self._handed_start != start:
