@@ -20,6 +20,12 @@ Measurements in one process:
   (paired samples), so the ratio holds while the VM's speed drifts;
 * ``hit_and_tail``: a cached prefix plus one new page, through sessions and by hand
   (:func:`bare_hit_and_tail`).
+* ``chunked``: a new prompt prefilled in chunks that do not fall on page boundaries, a commit
+  after each (whole pages into the tree, lock moved down, tail kept private), through a session
+  and by hand (:func:`bare_chunked`); per chunk.
+* ``decode``: a cached prompt then decode steps of one token (extend, allocate, commit), through
+  a session and by hand (:func:`bare_decode`); per step. Both alternate request by request
+  with their by-hand twin, as ``hit_path`` does.
 
     python benchmarks/bench_runtime.py [--requests 4000] [--concurrency 32] [--load 0.6] [--json]
 """
@@ -41,7 +47,7 @@ import torch
 from hicache_async import HiCache, HiCacheConfig, KVLayout
 from hicache_async.memory import pages_to_slots
 from hicache_async.metrics import Tier
-from hicache_async.radix import RadixKey
+from hicache_async.radix import RadixKey, TreeNode
 from hicache_async.session import Hit
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", page_size=16)
@@ -399,6 +405,190 @@ async def hit_and_tail(requests: list[torch.Tensor], repeats: int) -> dict[str, 
     return compare(runtime, direct)
 
 
+def _move_lock(
+    cache: HiCache, key: RadixKey, pages: torch.Tensor, cached: int, node: TreeNode
+) -> TreeNode:
+    """Insert a request's whole pages so far (``cached`` tokens of them were in the tree) and
+    move its lock to their last node, freeing the pages another request inserted first
+    (SGLang's ``cache_unfinished_req``)."""
+    tree = cache.tree
+    present = tree.insert_pages(key, pages)
+    last = tree.find(key)
+    if present > cached:  # this bench's prompts are fresh: the branch is there for fairness
+        tree_pages, last = tree.device_path(key)
+        mine = pages[: tree_pages.numel()]
+        dup = mine[mine != tree_pages]
+        if dup.numel():
+            cache.l1.allocator.free(dup)
+    tree.lock(last)
+    tree.unlock(node)
+    return last
+
+
+def bare_chunked(cache: HiCache, tokens: torch.Tensor, chunk: int) -> None:
+    """A chunked prefill by hand: match and lock; per chunk, the pages it needs (the last page
+    filled first), the chunk's slots, the whole pages so far into the tree and the lock moved
+    down; at the end the private tail freed and the lock released."""
+    tree, allocator, ps = cache.tree, cache.l1.allocator, cache.page_size
+    key = RadixKey(tokens)
+    match = tree.match_prefix(key)
+    node = match.last_device_node
+    tree.lock(node)
+    table, own = match.device_pages, torch.empty(0, dtype=torch.int64)
+    cached = done = match.device_hit_length
+    try:
+        while done < len(key):
+            n = min(chunk, len(key) - done)
+            need = -(-(done + n) // ps) - table.numel() - own.numel()
+            if need > 0:
+                fresh = allocator.alloc(need)
+                assert fresh is not None
+                own = torch.cat([own, fresh]) if own.numel() else fresh
+            first = done - cached
+            _model_slots = pages_to_slots(own[first // ps : -(-(first + n) // ps)], ps)
+            done += n
+            aligned = done // ps * ps
+            if aligned > cached:
+                k = (aligned - cached) // ps
+                pages = torch.cat([table, own[:k]]) if table.numel() else own[:k]
+                node = _move_lock(cache, key.prefix(aligned), pages, cached, node)
+                table, own, cached = pages, own[k:], aligned
+    finally:
+        if own.numel():
+            allocator.free(own)
+        tree.unlock(node)
+
+
+def bare_decode(cache: HiCache, tokens: torch.Tensor, steps: list[int]) -> None:
+    """Decode by hand after a cached prompt (whole pages): per step the token appended to the
+    key's bytes, a new page only when the last is full, the step's slot, and a full page into
+    the tree with the lock moved down; at the end the private tail freed."""
+    tree, allocator, ps = cache.tree, cache.l1.allocator, cache.page_size
+    key = RadixKey(tokens)
+    match = tree.match_prefix(key)
+    node = match.last_device_node
+    tree.lock(node)
+    table, tail = match.device_pages, None
+    data, n = bytearray(key.data), len(key)
+    try:
+        for token in steps:
+            data += token.to_bytes(8, "little", signed=True)
+            if n % ps == 0:
+                tail = allocator.alloc(1)
+                assert tail is not None
+            assert tail is not None
+            _model_slot = tail * ps + n % ps
+            n += 1
+            if n % ps == 0:
+                pages = torch.cat([table, tail])
+                node = _move_lock(cache, RadixKey(bytes(data), copy=False), pages, n - ps, node)
+                table, tail = pages, None
+    finally:
+        if tail is not None:
+            allocator.free(tail)
+        tree.unlock(node)
+
+
+async def chunked_and_decode(
+    requests: list[torch.Tensor], repeats: int, chunk: int = 40, steps: int = 32
+) -> dict[str, Any]:
+    """Per chunk of a chunked prefill and per decode step: through a session and by hand,
+    paired request by request (the order alternates), write_back so that neither backs up."""
+    ps = SMALL.page_size
+    prompt_tokens = 160  # 10 pages in chunks of 40 tokens: every other commit ends mid-page
+    per_request = prompt_tokens // ps + 1 + steps // ps + 1
+    pages = len(requests) * (2 * repeats * per_request + 2) + sum(t.numel() for t in requests)
+    cfg = config(device_pages=pages, layout=SMALL).model_copy(update={"write_policy": "write_back"})
+    fresh = iter(range(10**9, 2 * 10**9, prompt_tokens))
+    clock = time.perf_counter
+
+    def fresh_prompt() -> torch.Tensor:
+        first = next(fresh)
+        return torch.arange(first, first + prompt_tokens)
+
+    async with HiCache.open(cfg) as cache:
+        decode_prompts = [t[: t.numel() // ps * ps] for t in requests]
+        for tokens in decode_prompts:  # cached: decode starts at a page boundary
+            async with cache.session(tokens) as s:
+                hit = await s.load()
+                await s.commit(await s.allocate(tokens.numel() - hit.length))
+
+        async def chunked_session(tokens: torch.Tensor) -> float:
+            start = clock()
+            async with cache.session(tokens) as s:
+                done = (await s.load()).length
+                while done < tokens.numel():
+                    n = min(chunk, tokens.numel() - done)
+                    await s.commit(await s.allocate(n))
+                    done += n
+            return clock() - start
+
+        def chunked_by_hand(tokens: torch.Tensor) -> float:
+            start = clock()
+            bare_chunked(cache, tokens, chunk)
+            return clock() - start
+
+        async def decode_session(tokens: torch.Tensor, out: list[int]) -> float:
+            start = clock()
+            async with cache.session(tokens) as s:
+                await s.load()
+                for token in out:
+                    s.extend([token])
+                    await s.commit(await s.allocate(1))
+            return clock() - start
+
+        def decode_by_hand(tokens: torch.Tensor, out: list[int]) -> float:
+            start = clock()
+            bare_decode(cache, tokens, out)
+            return clock() - start
+
+        samples: dict[str, list[float]] = {k: [] for k in ("cs", "ch", "ds", "dh")}
+        next_id = iter(range(2 * 10**9, 2**31))  # fresh ids (the prompts use fewer)
+        for rep in range(repeats):
+            for i, tokens in enumerate(decode_prompts):
+                first = (i + rep) % 2 == 0
+                a, b = fresh_prompt(), fresh_prompt()
+                if first:
+                    samples["cs"].append(await chunked_session(a))
+                samples["ch"].append(chunked_by_hand(b))
+                if not first:
+                    samples["cs"].append(await chunked_session(a))
+                out_a = [next(next_id) for _ in range(steps)]
+                out_b = [next(next_id) for _ in range(steps)]
+                if first:
+                    samples["ds"].append(await decode_session(tokens, out_a))
+                samples["dh"].append(decode_by_hand(tokens, out_b))
+                if not first:
+                    samples["ds"].append(await decode_session(tokens, out_a))
+        cache.check()
+    n_chunks = -(-prompt_tokens // chunk)
+
+    def per(key: str, n: int) -> float:
+        return statistics.median(samples[key]) / n * 1e6
+
+    def ratios(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True)) - 1
+
+    return {
+        "chunk": {
+            "chunks_per_request": n_chunks,
+            "chunk_tokens": chunk,
+            "runtime_us_per_chunk": per("cs", n_chunks),
+            "direct_us_per_chunk": per("ch", n_chunks),
+            "overhead": sum(samples["cs"]) / sum(samples["ch"]) - 1,
+            "overhead_median": ratios("cs", "ch"),
+        },
+        "decode": {
+            "steps_per_request": steps,
+            "runtime_us_per_step": per("ds", steps),
+            "direct_us_per_step": per("dh", steps),
+            "overhead": sum(samples["ds"]) / sum(samples["dh"]) - 1,
+            "overhead_median": ratios("ds", "dh"),
+        },
+        "samples": len(samples["cs"]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=4000)
@@ -437,6 +627,7 @@ def main() -> None:
         ],
         "hit_path": run(hit_path, reqs[:500], args.repeats),
         "hit_and_tail": run(hit_and_tail, reqs[:500], args.repeats),
+        "lifecycle": run(chunked_and_decode, reqs[:200], max(1, args.repeats // 3)),
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }
     if args.json:
@@ -467,6 +658,17 @@ def main() -> None:
     print(
         f"hit + new page: runtime {t['runtime_us']:.1f} us, by hand {t['direct_us']:.1f} us, "
         f"overhead {t['overhead']:.0%} (min {t['overhead_min']:.0%})"
+    )
+    c, d = result["lifecycle"]["chunk"], result["lifecycle"]["decode"]
+    print(
+        f"chunked prefill: runtime {c['runtime_us_per_chunk']:.1f} us per chunk, by hand "
+        f"{c['direct_us_per_chunk']:.1f} us, overhead {c['overhead']:.1%} (median of pairs "
+        f"{c['overhead_median']:.1%})"
+    )
+    print(
+        f"decode step: runtime {d['runtime_us_per_step']:.1f} us, by hand "
+        f"{d['direct_us_per_step']:.1f} us, overhead {d['overhead']:.1%} (median of pairs "
+        f"{d['overhead_median']:.1%})"
     )
 
 

@@ -116,6 +116,27 @@ async def test_the_partial_last_page_is_filled_before_a_new_page_is_taken() -> N
         assert cache.l1.allocator.used == 0  # nothing committed: all freed
 
 
+async def test_decode_steps_hand_out_the_slots_of_their_pages_across_commits() -> None:
+    """A decode step's slot is a slice of the session's own pages; after a commit inserts
+    a full page, the next step's slots are those of the page taken after it."""
+    async with HiCache.open(config()) as cache:
+        async with cache.session(list(range(6))) as s:
+            await s.load()
+            await s.commit(await s.allocate(6))
+            handed = []
+            for token in range(100, 100 + 3 * PS):
+                s.extend([token])
+                slot = await s.allocate(1)
+                handed.append(slot)
+                await s.commit(slot)
+                assert torch.equal(s.device_indices[-1:], slot)
+            slots = torch.cat(handed)
+            assert slots.unique().numel() == slots.numel()
+            assert torch.equal(s.device_indices[6:], slots)
+        await settled(cache)
+        assert cache.tree.total_size(RadixTier.DEVICE) == (6 + 3 * PS) // PS * PS
+
+
 async def test_two_requests_prefilling_one_prompt_share_the_pages_of_the_first() -> None:
     """b's chunks were computed too, but a inserted them first: b's pages are freed and b's
     page table switches to the tree's (as SGLang's cache_unfinished_req)."""
@@ -189,6 +210,9 @@ async def test_extend_refuses_bad_tokens_and_a_closed_session() -> None:
         async with cache.session(list(range(8))) as s:
             with pytest.raises(HiCacheError):
                 s.extend([2**40])
+            for bad in ([-1], [2**31], [1, 2**31], [1.5]):  # a decode step's short lists too
+                with pytest.raises(HiCacheError):
+                    s.extend(bad)  # type: ignore[arg-type]
             with pytest.raises(HiCacheError):
                 s.extend("abc")  # type: ignore[arg-type]
             assert len(s.key) == 8
