@@ -489,10 +489,18 @@ class HiCache:
     def after_insert(self, key: RadixKey, new_tokens: int) -> None:
         """Call after ``tree.insert(key, ...)`` put ``new_tokens`` new tokens on L1 (the
         insert's length minus what it returned): emits their ``BlockStored(GPU)`` and, under
-        ``write_through``, schedules their backup. Sessions do this themselves."""
+        ``write_through``, schedules their backup. Sessions do this themselves.
+
+        Only whole pages are announced, each once: the tree keeps no partial last page, so
+        the new part runs from what the insert found cached (whole pages) to the key's last
+        whole page, whether ``new_tokens`` counts the partial tail or not."""
         write_through = self._backs_up_on_insert
         if new_tokens <= 0 or not (write_through or self.hub.active):
             return  # nothing to announce, nothing to back up
+        size, length = self.page_size, len(key)
+        new_tokens = length // size * size - (length - new_tokens) // size * size
+        if new_tokens <= 0:
+            return  # the tail was partial: no new whole page
         last = self.tree.find(key)  # not match_prefix: announcing is no hit of the pages
         if self.hub.active:
             span = span_chain(last, new_tokens)

@@ -1,0 +1,111 @@
+"""Issue 18, item 7: the lower-level fixes found on the way.
+
+- ``after_insert(key, n)`` announces whole pages only, each once, when the key ends in a
+  partial page;
+- ``write_through_selective`` backs a prefix up after its second hit, whether the hits come
+  through sessions (``async with`` or the scheduler-level API) or the lower level;
+- ``HiCacheConfig.data_parallel_rank`` is carried by every event batch, in process and on the
+  wire.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hicache_async import HiCache, HiCacheConfig, KVLayout
+from hicache_async.events import BlockStored, EventStream, StorageMedium
+from hicache_async.radix import page_hashes
+
+from .test_cache_e2e import serve, write_kv
+
+PS = 4
+LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32", page_size=PS)
+
+
+def config(**kw: object) -> HiCacheConfig:
+    values: dict[str, object] = {
+        "layout": LAYOUT,
+        "device": "cpu",
+        "device_pages": 32,
+        "host_pages": 0,
+        "storage_backend": "none",
+    }
+    values.update(kw)
+    return HiCacheConfig(**values)  # type: ignore[arg-type]
+
+
+def insert_by_hand(cache: HiCache, tokens: list[int], *, count: str = "key") -> int:
+    """What a framework with its own scheduler does: reserve slots, write the KV, insert the
+    key (partial last page included) into the tree, free the duplicate and partial-page slots,
+    then announce with ``after_insert``. ``count`` is how the caller counts the new tokens:
+    ``key`` (the insert's length minus what it returned, as the docstring says) or
+    ``aligned`` (whole pages only). Returns what the insert found cached."""
+    n = len(tokens)
+    aligned = n // PS * PS
+    pages = -(-n // PS)
+    slots = cache.device_tier.reserve(pages)
+    assert slots is not None
+    write_kv(cache, torch.tensor(tokens), slots[:n])
+    key = cache.key(tokens)
+    present = cache.tree.insert(key, slots[:n])
+    cache.device_tier.free(slots[:present])  # the tree's copy serves these tokens
+    cache.device_tier.free(slots[aligned:])  # the partial last page stays out of the tree
+    cache.after_insert(key, (n if count == "key" else aligned) - present)
+    return present
+
+
+def gpu_stored(stream: EventStream) -> list[BlockStored]:
+    return [
+        event
+        for batch in stream.drain_nowait()
+        for event in batch.events
+        if isinstance(event, BlockStored) and event.medium is StorageMedium.GPU
+    ]
+
+
+# -- after_insert: whole pages only, each once -------------------------------------------------
+
+
+@pytest.mark.parametrize("count", ["key", "aligned"])
+async def test_after_insert_announces_each_whole_page_once(count: str) -> None:
+    short = list(range(100, 100 + 2 * PS + 2))  # 2.5 pages
+    long = short[: 2 * PS] + list(range(500, 500 + 2 * PS + 2))  # extends it: 4.5 pages
+    async with HiCache.open(config()) as cache, cache.events() as stream:
+        assert insert_by_hand(cache, short, count=count) == 0
+        assert insert_by_hand(cache, short, count=count) == 2 * PS  # again: nothing new
+        assert insert_by_hand(cache, long, count=count) == 2 * PS
+        events = gpu_stored(stream)
+        announced = [h for event in events for h in event.block_hashes]
+        whole = page_hashes(long[: 4 * PS], PS)
+        assert sorted(announced) == sorted(whole)  # every whole page, exactly once
+        assert announced == whole  # in prefix order
+        for event in events:  # no partial page: tokens are whole pages, one hash each
+            assert len(event.token_ids) == PS * len(event.block_hashes)
+        assert [list(e.token_ids) for e in events] == [long[: 2 * PS], long[2 * PS : 4 * PS]]
+        assert events[1].parent_block_hash == whole[1]
+        cache.check()
+
+
+async def test_after_insert_of_less_than_a_page_announces_nothing() -> None:
+    async with HiCache.open(config()) as cache, cache.events() as stream:
+        assert insert_by_hand(cache, [7, 8, 9]) == 0
+        assert gpu_stored(stream) == []
+        insert_by_hand(cache, list(range(10, 10 + PS)))
+        insert_by_hand(cache, list(range(10, 10 + PS + 1)))  # the same page and one token
+        assert [e.block_hashes for e in gpu_stored(stream)] == [
+            tuple(page_hashes(list(range(10, 10 + PS)), PS))
+        ]
+        cache.check()
+
+
+async def test_sessions_with_a_partial_tail_announce_each_page_once() -> None:
+    prompt = torch.arange(2000, 2000 + 2 * PS + 2)  # 2.5 pages; then a longer turn
+    turn = torch.cat([prompt[: 2 * PS], torch.arange(3000, 3000 + 2 * PS + 3)])
+    async with HiCache.open(config()) as cache, cache.events() as stream:
+        await serve(cache, prompt)
+        await serve(cache, prompt)
+        await serve(cache, turn)
+        announced = [h for e in gpu_stored(stream) for h in e.block_hashes]
+        assert announced == page_hashes(turn[: 4 * PS].tolist(), PS)
+        cache.check()
