@@ -93,6 +93,7 @@ class Session:
         "_hit",
         "_hit_pages",
         "_host_node",
+        "_indices_memo",
         "_load_round",
         "_match",
         "_ordinal",
@@ -129,6 +130,8 @@ class Session:
         # The token slots of ``_own``, kept while it does not change: a decode step hands out
         # a slice of them instead of converting the pages again (a third of a step's cost).
         self._own_slots_all: torch.Tensor | None = None
+        # device_indices' slots, with the (_table, _own) they were built from.
+        self._indices_memo: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
         self._cached = self._done = self._slot_end = 0
         self._handed: torch.Tensor | None = None  # the slots the last allocate() returned
         self._handed_start = 0  # and the token they start at
@@ -373,13 +376,19 @@ class Session:
         they may differ from the slots handed out: where another request inserted the same
         pages first, the tree's pages replaced this session's (which were freed)."""
         self._begin()
-        table = self._table
+        table, own = self._table, self._own
         assert table is not None
-        if self._own is not None:
-            table = torch.cat([table, self._own])
-        cache = self._cache
-        slots = pages_to_slots(table, cache.page_size)[: self._done]
-        return slots.to(cache.device_pool.device) if cache._slots_move else slots
+        memo = self._indices_memo
+        if memo is None or memo[0] is not table or memo[1] is not own:
+            # Built again only when the page table changed (a new page, a commit's insert):
+            # a decode step reads a view of the same slots, not an O(length) rebuild.
+            pages = table if own is None else torch.cat([table, own])
+            cache = self._cache
+            slots = pages_to_slots(pages, cache.page_size)
+            if cache._slots_move:
+                slots = slots.to(cache.device_pool.device)
+            memo = self._indices_memo = (table, own, slots)
+        return memo[2][: self._done]
 
     def extend(self, token_ids: TokenIds) -> None:
         """Append tokens (the generated ones, during decode) to the request's key; they are
