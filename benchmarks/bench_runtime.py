@@ -537,12 +537,25 @@ async def chunked_and_decode(
                     await s.commit(await s.allocate(1))
             return clock() - start
 
+        async def decode_scheduler(tokens: torch.Tensor, out: list[int]) -> float:
+            """The scheduler-level API's step: synchronous allocate and commit."""
+            start = clock()
+            s = cache.session(tokens).enter()
+            await s.load()
+            for token in out:
+                s.extend([token])
+                slots = s.try_allocate(1)
+                assert slots is not None
+                s.commit_nowait(slots)
+            s.finish()
+            return clock() - start
+
         def decode_by_hand(tokens: torch.Tensor, out: list[int]) -> float:
             start = clock()
             bare_decode(cache, tokens, out)
             return clock() - start
 
-        samples: dict[str, list[float]] = {k: [] for k in ("cs", "ch", "ds", "dh")}
+        samples: dict[str, list[float]] = {k: [] for k in ("cs", "ch", "ds", "dh", "dx")}
         next_id = iter(range(2 * 10**9, 2**31))  # fresh ids (the prompts use fewer)
         for rep in range(repeats):
             for i, tokens in enumerate(decode_prompts):
@@ -560,6 +573,7 @@ async def chunked_and_decode(
                 samples["dh"].append(decode_by_hand(tokens, out_b))
                 if not first:
                     samples["ds"].append(await decode_session(tokens, out_a))
+                samples["dx"].append(await decode_scheduler(tokens, [next(next_id) for _ in out_a]))
         cache.check()
     n_chunks = -(-prompt_tokens // chunk)
 
@@ -584,6 +598,8 @@ async def chunked_and_decode(
             "direct_us_per_step": per("dh", steps),
             "overhead": sum(samples["ds"]) / sum(samples["dh"]) - 1,
             "overhead_median": ratios("ds", "dh"),
+            "scheduler_api_us_per_step": per("dx", steps),
+            "scheduler_api_overhead": sum(samples["dx"]) / sum(samples["dh"]) - 1,
         },
         "samples": len(samples["cs"]),
     }
@@ -668,7 +684,8 @@ def main() -> None:
     print(
         f"decode step: runtime {d['runtime_us_per_step']:.1f} us, by hand "
         f"{d['direct_us_per_step']:.1f} us, overhead {d['overhead']:.1%} (median of pairs "
-        f"{d['overhead_median']:.1%})"
+        f"{d['overhead_median']:.1%}); scheduler-level API {d['scheduler_api_us_per_step']:.1f} "
+        f"us ({d['scheduler_api_overhead']:.1%})"
     )
 
 
