@@ -436,7 +436,10 @@ class HiCache:
     # -- the lower level (for frameworks with their own scheduler) -------------------------
 
     def match_prefix(self, key: RadixKey) -> MatchResult:
-        """The longest cached prefix of ``key`` (device part, then host part)."""
+        """The longest cached prefix of ``key`` (device part, then host part): the tree's
+        match, which counts a hit on every node it matched. A framework that uses the match
+        calls :meth:`after_match` with it, so ``write_through_selective`` backs the prefix up
+        from its second hit (a peek at the tree, e.g. in a test, need not)."""
         self._check_open()
         return self.tree.match_prefix(key)
 
@@ -508,8 +511,18 @@ class HiCache:
         if write_through:
             self._schedule_backups(last, hits=0)
 
+    def after_match(self, match: MatchResult) -> None:
+        """Call with a match a request uses, from :meth:`match_prefix` or
+        ``tree.match_prefix(key)`` (the tree counted the hit on every node it matched): under
+        ``write_through_selective``, schedules the backup of the matched device nodes hit at
+        least twice, as a session's match does; under the other policies, nothing. Sessions,
+        the scheduler-level API included, do this themselves."""
+        self._check_open()
+        if self._backs_up_on_hit:
+            self._schedule_backups(match.last_device_node, hits=2)
+
     def _after_match(self, match: MatchResult) -> None:
-        """``write_through_selective``: back up a prefix once it has been hit twice."""
+        """:meth:`after_match` for sessions, which checked the cache is open."""
         if self._backs_up_on_hit:
             self._schedule_backups(match.last_device_node, hits=2)
 

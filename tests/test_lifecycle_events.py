@@ -15,6 +15,7 @@ import torch
 
 from hicache_async import HiCache, HiCacheConfig, KVLayout
 from hicache_async.events import BlockStored, EventStream, StorageMedium
+from hicache_async.metrics import Transition
 from hicache_async.radix import page_hashes
 
 from .test_cache_e2e import serve, write_kv
@@ -108,4 +109,85 @@ async def test_sessions_with_a_partial_tail_announce_each_page_once() -> None:
         await serve(cache, turn)
         announced = [h for e in gpu_stored(stream) for h in e.block_hashes]
         assert announced == page_hashes(turn[: 4 * PS].tolist(), PS)
+        cache.check()
+
+
+# -- write_through_selective: the second hit backs up -------------------------------------------
+
+
+def selective() -> HiCacheConfig:
+    return config(host_pages=64, write_policy="write_through_selective")
+
+
+def backups(cache: HiCache) -> int:
+    return cache.stats().transitions[Transition.BACKUP].count
+
+
+async def scheduler_hit(cache: HiCache, tokens: torch.Tensor) -> int:
+    """A request admitted and finished through the scheduler-level API."""
+    s = cache.session(tokens).enter()
+    try:
+        hit = await s.load()
+    except BaseException:
+        s.abort()
+        raise
+    s.finish()
+    return hit.length
+
+
+@pytest.mark.parametrize("hits", [1, 2])
+async def test_selective_backup_after_two_scheduler_level_hits(hits: int) -> None:
+    prompt = torch.arange(40, 40 + 3 * PS)
+    async with HiCache.open(selective()) as cache:
+        await serve(cache, prompt)  # inserted: no hit yet
+        await cache.drain()
+        assert backups(cache) == 0
+        for _ in range(hits):
+            assert await scheduler_hit(cache, prompt) == prompt.numel()
+        await cache.drain()
+        assert (backups(cache) > 0) is (hits == 2)
+        cache.check()
+
+
+@pytest.mark.parametrize("hits", [1, 2])
+async def test_selective_backup_after_two_session_hits(hits: int) -> None:
+    prompt = torch.arange(40, 40 + 3 * PS)
+    async with HiCache.open(selective()) as cache:
+        await serve(cache, prompt)
+        for _ in range(hits):
+            assert await serve(cache, prompt) == prompt.numel()
+        await cache.drain()
+        assert (backups(cache) > 0) is (hits == 2)
+        cache.check()
+
+
+@pytest.mark.parametrize("hits", [1, 2])
+@pytest.mark.parametrize("path", ["cache.match_prefix", "tree.match_prefix"])
+async def test_selective_backup_after_two_lower_level_hits(path: str, hits: int) -> None:
+    tokens = list(range(60, 60 + 3 * PS))
+    async with HiCache.open(selective()) as cache:
+        insert_by_hand(cache, tokens)
+        key = cache.key(tokens)
+        for _ in range(hits):
+            if path == "cache.match_prefix":
+                match = cache.match_prefix(key)
+            else:
+                match = cache.tree.match_prefix(key)
+            cache.after_match(match)  # what a framework does with a match it uses
+            assert match.device_hit_length == len(tokens)
+        await cache.drain()
+        assert (backups(cache) > 0) is (hits == 2)
+        if hits == 2:
+            assert cache.match_prefix(key).last_device_node.host_pages is not None
+        cache.check()
+
+
+async def test_after_match_is_a_no_op_under_other_policies() -> None:
+    tokens = list(range(60, 60 + 3 * PS))
+    async with HiCache.open(config(host_pages=64, write_policy="write_back")) as cache:
+        insert_by_hand(cache, tokens)
+        for _ in range(3):
+            cache.after_match(cache.tree.match_prefix(cache.key(tokens)))
+        await cache.drain()
+        assert backups(cache) == 0
         cache.check()
