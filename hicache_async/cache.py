@@ -110,7 +110,7 @@ class HiCache:
         self.counters = Counters()
         self.health = Health()  # background jobs' failures: contained, counted, logged
         self._sessions_created = 0  # a session's ordinal tags its tensor-parallel rounds
-        self.hub = EventHub()
+        self.hub = EventHub(data_parallel_rank=config.data_parallel_rank)
         device = config.resolve_device()
         self.tree = RadixTree(self.page_size, config.eviction_policy, device=device)
         self.host_pool: HostKVPool | None = None

@@ -159,6 +159,7 @@ _NUMBER_FIELDS = (
     "prefetch_wait_complete_timeout",
     "prefetch_capacity_pages",
     "eviction_headroom",
+    "data_parallel_rank",
 )
 
 
@@ -259,6 +260,13 @@ class HiCacheConfig(BaseSettings):
     )
     kv_events: KVEventsConfig | None = Field(
         default=None, description="Publish KV events (off when unset)."
+    )
+    data_parallel_rank: int | None = Field(
+        default=None,
+        ge=0,
+        le=_MAX_C_INT,
+        description="This server's data-parallel rank, carried by every KV event batch (in "
+        "cache.events() and on the wire) so a router can tell the ranks apart; nil when unset.",
     )
 
     def __init__(self, **values: Any) -> None:

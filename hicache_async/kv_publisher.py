@@ -5,7 +5,8 @@ Wire format (see vLLM's ``kv_events.py``; routers and indexers decode it as is):
 * live: PUB, one multipart message per batch ``[topic, seq (8 bytes big-endian), payload]``,
   ``seq`` counting from 0;
 * payload: msgpack ``[ts, [event, ...], data_parallel_rank]``, each event a map tagged
-  ``"type"`` with every required key present (nil where unknown);
+  ``"type"`` with every required key present (nil where unknown); the rank is the hub's
+  (``HiCacheConfig.data_parallel_rank`` for a cache's), nil when unset;
 * replay: ROUTER; a client sends the first sequence number it wants (8 bytes big-endian) and
   gets every buffered batch from there as ``[topic, seq, payload]``, then ``[b"", ff*8, b""]``.
 

@@ -10,11 +10,16 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 import torch
+import zmq
 
 from hicache_async import HiCache, HiCacheConfig, KVLayout
-from hicache_async.events import BlockStored, EventStream, StorageMedium
+from hicache_async.config import KVEventsConfig
+from hicache_async.errors import ConfigError
+from hicache_async.events import BlockStored, EventBatch, EventStream, StorageMedium
+from hicache_async.kv_publisher import decode_batch
 from hicache_async.metrics import Transition
 from hicache_async.radix import page_hashes
 
@@ -191,3 +196,73 @@ async def test_after_match_is_a_no_op_under_other_policies() -> None:
         await cache.drain()
         assert backups(cache) == 0
         cache.check()
+
+
+# -- data_parallel_rank: on every batch, in process and on the wire -----------------------------
+
+
+async def _recv(socket: zmq.Socket[bytes]) -> list[bytes]:
+    with anyio.fail_after(30):
+        while True:
+            try:
+                return socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                await anyio.sleep(0.005)
+
+
+async def test_data_parallel_rank_on_every_batch_and_on_the_wire() -> None:
+    events = KVEventsConfig(endpoint="tcp://127.0.0.1:*")
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        async with HiCache.open(config(data_parallel_rank=3, kv_events=events)) as cache:
+            assert cache.hub.data_parallel_rank == 3
+            assert cache.publisher is not None
+            sub = context.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(cache.publisher.endpoint)
+            async with cache.events() as stream:
+                # PUB/SUB: until the subscription reaches the publisher, batches are lost.
+                # Send until one arrives (each a whole request), then check what did.
+                tokens = 7000
+                with anyio.fail_after(30):
+                    while True:
+                        await serve(cache, torch.arange(tokens, tokens + PS))
+                        tokens += PS
+                        try:
+                            frames = sub.recv_multipart(zmq.NOBLOCK)
+                            break
+                        except zmq.Again:
+                            await anyio.sleep(0.01)
+                await serve(cache, torch.arange(9000, 9000 + 2 * PS))
+                wire = [decode_batch(frames[2])]
+                while wire[-1][1][0]["token_ids"][0] != 9000:  # up to the last request's
+                    wire.append(decode_batch((await _recv(sub))[2]))
+                batches: list[EventBatch] = stream.drain_nowait()
+            sub.close()
+        assert {rank for _, _, rank in wire} == {3}
+        assert all(events[0]["type"] == "BlockStored" for _, events, _ in wire)
+        assert wire[-1][1][0]["token_ids"] == list(range(9000, 9000 + 2 * PS))
+        assert batches
+        assert {batch.data_parallel_rank for batch in batches} == {3}
+    finally:
+        context.term()
+
+
+async def test_data_parallel_rank_unset_is_none() -> None:
+    async with HiCache.open(config()) as cache, cache.events() as stream:
+        await serve(cache, torch.arange(0, 2 * PS))
+        batches = stream.drain_nowait()
+        assert batches
+        assert {batch.data_parallel_rank for batch in batches} == {None}
+
+
+def test_data_parallel_rank_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HICACHE_DATA_PARALLEL_RANK", "2")
+    assert config().data_parallel_rank == 2
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "two", 2**31])
+def test_bad_data_parallel_rank_is_a_config_error(bad: object) -> None:
+    with pytest.raises(ConfigError, match="data_parallel_rank"):
+        config(data_parallel_rank=bad)
