@@ -137,21 +137,36 @@ async def test_wait_complete_gets_every_page(l3_dir: Path) -> None:
     assert (outcome, hit) == (PrefetchOutcome.COMPLETED, PROMPT.numel())
 
 
+class FirstBatchOnly(SlowStorage):
+    """Reads the first batch of pages, then never answers again (until cancelled)."""
+
+    reads = 0
+
+    async def _read_pages(self, keys: list[str], buffers: list[Any]) -> list[bool]:
+        self.reads += 1
+        if self.reads > 1:
+            await anyio.sleep_forever()
+        return await super()._read_pages(keys, buffers)
+
+
 async def test_timeout_stops_at_the_linear_deadline_and_keeps_the_prefix(l3_dir: Path) -> None:
-    cfg, slow = await open_slow(
-        l3_dir,
+    """The second batch never arrives: the prefetch gives up at its deadline and the request
+    keeps the first batch. (Outcomes only: a stalled machine may make the deadline cut the
+    first batch too, and then the hit is what arrived, none.)"""
+    inner = create_storage("file", SAME_NAMESPACE, path=str(l3_dir))
+    storage = FirstBatchOnly(inner, delay=0.0)
+    cfg = config(
+        storage_backend="file",
         prefetch_policy="timeout",
-        prefetch_timeout_base=0.06,
+        prefetch_timeout_base=0.5,
         prefetch_timeout_per_ki_token=0.0,
     )
-    async with HiCache.open(cfg, storage=slow) as cache:
-        start = anyio.current_time()
+    async with HiCache.open(cfg, storage=storage) as cache:
         outcome, hit = await request_with_prefetch(cache)
-        elapsed = anyio.current_time() - start
     assert outcome is PrefetchOutcome.TIMED_OUT
-    assert 0 < hit < PROMPT.numel()
-    assert hit % 16 == 0  # whole batches of 4 pages arrived; the cut one was dropped
-    assert elapsed < 0.24  # far less than the 0.24 s the whole prefix would take
+    assert hit == storage.stats.get_hits * LAYOUT.page_size  # what arrived, kept
+    assert hit in (0, 16)  # whole batches of 4 pages; the cut one was dropped
+    assert storage.reads == 2  # it waited on the second, not on more
 
 
 async def test_best_effort_returns_at_once_and_load_takes_what_arrived(l3_dir: Path) -> None:
