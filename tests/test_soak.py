@@ -20,6 +20,7 @@ from hicache_async.cache import HiCache
 from hicache_async.cli import main
 from hicache_async.events import BlockRemoved, BlockStored, EventBatch, StorageMedium
 from hicache_async.layout import KVLayout
+from hicache_async.session import Session
 from hicache_async.testing._soak_kv import expected_kv, prefix_hashes
 from hicache_async.testing._soak_ledger import Ledger
 from hicache_async.testing._soak_workload import Prompts, RequestPlan, Workload
@@ -34,11 +35,28 @@ KNOWN_BROKEN_CHECKS: dict[str, str] = {}
 CI_FAULTS = frozenset(FAULT_KINDS) - set(KNOWN_BROKEN_FAULTS)
 CI_BAD = frozenset(BAD_KINDS) - set(KNOWN_BROKEN_BAD)
 CI_SECONDS = 13.0
+# The lifecycle steps every CI run must have driven (counts of events, never times): chunked
+# prefill, decode, hits on decoded tokens, waits for room (served and timed out), and the
+# scheduler-level API (finished, aborted, waiting a step, retracted).
+CI_LIFECYCLE = (
+    "chunked_prefills",
+    "decode_steps",
+    "duplicate_tokens",
+    "output_hit_tokens",
+    "tables_checked",
+    "allocate_waits_served",
+    "allocate_wait_timeouts",
+    "scheduler_finished",
+    "scheduler_aborted",
+    "scheduler_waits",
+    "scheduler_retracted",
+)
 
 
 def assert_clean(report: dict[str, Any]) -> None:
     assert report["hangs"] == 0, report["hang_details"]
-    assert report["wrong_bytes"] == 0, report["wrong_hits"]
+    assert report["wrong_bytes"] == 0, (report["wrong_hits"], report["wrong_tables"])
+    assert report["wrong_tables"] == 0, report["errors"]
     assert report["leaked_pages"] == 0, report["invariant_failures"]
     assert report["cache_deaths"] == 0, report["errors"]
     assert report["accepted_bad_requests"] == 0, report["bad_requests"]
@@ -72,6 +90,14 @@ def test_soak(backend: str, seed: int, tmp_path: Path) -> None:
     assert report["refused_bad_requests"] > 0
     assert len(report["segments"]) > 1
     assert {segment["traffic"] for segment in report["segments"]} == {"steady", "waves"}
+    # The whole lifecycle ran: several commits per chunked request, decode steps whose tokens
+    # later turns hit (bit-exact, with every hit), waits for room, the scheduler-level API.
+    lifecycle = report["lifecycle"]
+    assert {key for key in CI_LIFECYCLE if lifecycle[key] == 0} == set(), lifecycle
+    assert lifecycle["prefill_commits"] > lifecycle["chunked_prefills"]
+    assert lifecycle["tables_checked"] == report["served"]
+    small = {segment["device_pages"] for segment in report["segments"]}
+    assert small == {options.device_pages, options.small_device_pages}
 
 
 def test_soak_on_redis(tmp_path: Path) -> None:
@@ -113,6 +139,26 @@ def test_soak_reports_wrong_bytes_of_a_corrupting_cache() -> None:
     report = _quick(corrupt_writes)
     assert report["wrong_bytes"] > 0
     assert report["wrong_hits"] > 0
+    assert not report["ok"]
+
+
+def test_soak_reports_a_session_page_table_with_wrong_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sessions whose device_indices list their slots in the wrong order: every request's
+    page-table check finds other bytes than the oracle's (hits alone would not show it)."""
+    slots_of = Session.device_indices
+
+    def reversed_slots(self: Session) -> torch.Tensor:
+        slots = slots_of.fget(self)  # type: ignore[attr-defined]
+        assert isinstance(slots, torch.Tensor)
+        return slots.flip(0)
+
+    monkeypatch.setattr(Session, "device_indices", property(reversed_slots))
+    report = _quick(None)
+    assert report["wrong_tables"] > 0
+    assert report["wrong_bytes"] > 0
+    assert report["wrong_hits"] == 0
     assert not report["ok"]
 
 

@@ -4,6 +4,11 @@ The value written for token position ``i`` of a prompt is a function of a hash o
 ``(extra_key, tokens[:i + 1])`` only, never of what the cache holds; so any hit, from any tier,
 can be checked against a recomputation. Tenants (``extra_key``) get different bytes for the
 same tokens, so a read across tenants shows as wrong bytes too.
+
+Decoded tokens come from the same hash (:func:`decode_tokens`): the "model" answers a prompt
+with tokens that depend on the tenant and the prompt only, so the workload knows a request's
+answer without waiting for it, and the next turn (prompt + answer + more) can hit the answer's
+pages and check them.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from hicache_async.layout import KVLayout
 from hicache_async.memory.device_pool import DeviceKVPool
 
-__all__ = ["expected_kv", "prefix_hashes", "write_kv", "wrong_bytes"]
+__all__ = ["decode_tokens", "expected_kv", "prefix_hashes", "write_kv", "wrong_bytes"]
 
 _MASK = (1 << 64) - 1
 _PRIME = 0x100000001B3  # FNV-1a's 64-bit prime
@@ -25,17 +30,40 @@ _MIX = -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9 as a signed int64
 # Clearing bit 14 keeps a float16's exponent below all-ones: no inf or NaN, so every value
 # survives any copy bit for bit (the checks compare bits, not values).
 _FINITE_HALF = 0xBBFF
+DECODE_VOCAB = 50_000  # decoded ids are in [1, DECODE_VOCAB), as the prompts'
+
+
+def _seed(extra_key: str | None) -> int:
+    seed = b"" if extra_key is None else extra_key.encode("utf-8", "surrogatepass")
+    return (zlib.crc32(seed) << 1 | (extra_key is not None)) ^ 0xCBF29CE484222325
+
+
+def _step(h: int, token: int) -> int:
+    return ((h ^ (token & _MASK)) * _PRIME) & _MASK
 
 
 def prefix_hashes(tokens: Sequence[int], extra_key: str | None) -> torch.Tensor:
     """One int64 per position: a chained hash of ``(extra_key, tokens[:i + 1])``."""
-    seed = b"" if extra_key is None else extra_key.encode("utf-8", "surrogatepass")
-    h = (zlib.crc32(seed) << 1 | (extra_key is not None)) ^ 0xCBF29CE484222325
+    h = _seed(extra_key)
     out = []
     for token in tokens:
-        h = ((h ^ (token & _MASK)) * _PRIME) & _MASK
+        h = _step(h, token)
         out.append(h - (1 << 64) if h >> 63 else h)
     return torch.tensor(out, dtype=torch.int64)
+
+
+def decode_tokens(tokens: Sequence[int], extra_key: str | None, n: int) -> list[int]:
+    """The ``n`` tokens the soak's "model" generates after ``tokens``: ids in
+    ``[1, DECODE_VOCAB)``, each a function of the tenant and the sequence before it."""
+    h = _seed(extra_key)
+    for token in tokens:
+        h = _step(h, token)
+    out = []
+    for _ in range(n):
+        token = 1 + (h >> 17) % (DECODE_VOCAB - 1)
+        out.append(token)
+        h = _step(h, token)
+    return out
 
 
 def expected_kv(layout: KVLayout, hashes: torch.Tensor) -> torch.Tensor:

@@ -120,9 +120,14 @@ class CancelAtSuspension:
     ``scope`` before handing the awaited object to the loop, so the cancellation lands at
     exactly that await (or at the first checkpoint after a shielded part), as a client that
     goes away mid-request. ``at=0`` never cancels: it counts the suspensions of a whole
-    request. Works on asyncio and trio."""
+    request (``scope`` may then be left out). Works on asyncio and trio."""
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], scope: anyio.CancelScope, at: int) -> None:
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        scope: anyio.CancelScope | None = None,
+        at: int = 0,
+    ) -> None:
         self.coro, self.scope, self.at = coro, scope, at
         self.suspensions = 0
 
@@ -136,7 +141,7 @@ class CancelAtSuspension:
             except StopIteration as stop:
                 return stop.value
             self.suspensions += 1
-            if self.suspensions == self.at:
+            if self.suspensions == self.at and self.scope is not None:
                 self.scope.cancel()
             try:
                 sent, thrown = (yield awaited), None

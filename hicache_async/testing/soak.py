@@ -14,13 +14,24 @@ back), so a request waiting for an event no later request fires becomes a hang, 
 each segment faults are injected at random (:data:`FAULT_KINDS`): flaky, slow, corrupting and
 stalling storage, failed and late copies, requests cancelled at random awaits, bad requests.
 
+Each request draws its lifecycle (:mod:`hicache_async.testing._soak_workload`): a prefill in one
+commit or in chunks of random sizes, a few decode steps whose tokens the next turn's prompt
+contains, a budget for waiting for L1 room, and ``async with`` or the scheduler-level API
+(``enter`` / ``try_allocate`` / ``commit_nowait`` / ``finish`` / ``abort``). Every third segment
+runs on a small L1 (``small_device_pages``), where requests queue for room and some wait past
+their budget: a counted ``CapacityError``, never a hang.
+
 What it checks, and reports in one JSON-ready dict:
 
 - liveness: every request ends within ``hang_after_s``; a watchdog names any that does not,
   with its step and its coroutine's stack (``hangs``, ``hang_details``);
 - every hit is bit-exact: the KV of each token position derives from the tenant and the token
   prefix (:mod:`hicache_async.testing._soak_kv`), so any hit is checked against a
-  recomputation (``wrong_bytes``, ``wrong_hits``);
+  recomputation (``wrong_bytes``, ``wrong_hits``); so is, at the end of each served request,
+  its whole page table (``device_indices``: the hit, its chunks and decode steps, where the
+  tree's pages replaced its own; ``wrong_tables``);
+- the lifecycle was driven (``lifecycle``: chunk commits, decode steps, waits for room and
+  their timeouts, scheduler-level requests finished, aborted and retracted);
 - the cache never dies: no exception escapes ``HiCache.open`` (``cache_deaths``);
 - bad requests are refused with a ``HiCacheError`` at their call (``bad_requests``);
 - after each segment (drained, every session closed): ``tree.check()``, no lock held, the
@@ -56,13 +67,14 @@ from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, create_s
 from hicache_async.testing._soak_env import Resources, l3_place
 from hicache_async.testing._soak_faults import FAULT_KINDS, SegmentFaults, install_faulty_engine
 from hicache_async.testing._soak_ledger import Ledger
-from hicache_async.testing._soak_requests import Ctx, Tally, run_bad, serve
+from hicache_async.testing._soak_requests import LIFECYCLE_COUNTS, Ctx, Tally, run_bad, serve
 from hicache_async.testing._soak_watch import CancelAtSuspension, Watch
 from hicache_async.testing._soak_workload import BAD_KINDS, Prompts, RequestPlan, Waves, Workload
 
 __all__ = [
     "BAD_KINDS",
     "FAULT_KINDS",
+    "LIFECYCLE_COUNTS",
     "CancelAtSuspension",
     "SoakOptions",
     "install_faulty_engine",
@@ -92,12 +104,17 @@ class SoakOptions:
     device: str = "cpu"  # L1's device: cpu, or cuda to soak the CUDA copy engine too
     page_size: int = 8
     device_pages: int = 512
+    small_device_pages: int = 128  # L1 of every ``small_l1_every``-th segment (0: never)
+    small_l1_every: int = 3
     host_pages: int = 1024
     max_tokens: int = 320  # conversations restart past this many tokens
     waves: bool = True  # every other segment sends its traffic in bursts (Waves)
     system_prompts: int = 4  # shared by every tenant (their keys differ by extra_key)
     system_prompt_tokens: tuple[int, int] = (64, 192)  # length range
     cancel_rate: float = 0.12  # of the requests, when "cancel" faults are on
+    chunk_rate: float = 0.5  # of the requests, prefilled in chunks of random sizes
+    decode_rate: float = 0.5  # decoding 1-12 tokens after the prefill
+    scheduler_rate: float = 0.2  # through the scheduler-level API instead of async with
     bad_rate: float = 0.04  # likewise, when "bad" faults are on
     # Test hook: called with each cache once it is open (e.g. to break it on purpose).
     instrument: Callable[[HiCache], None] | None = None
@@ -163,7 +180,18 @@ class _Run:
         bad = options.bad_rate if "bad" in options.faults and options.bad_kinds else 0.0
         bad_kinds = tuple(sorted(options.bad_kinds))
         self.workloads = [
-            Workload(w, options.seed, prompts, options.max_tokens, cancel, bad, bad_kinds)
+            Workload(
+                w,
+                options.seed,
+                prompts,
+                options.max_tokens,
+                cancel,
+                bad,
+                bad_kinds,
+                chunk_rate=options.chunk_rate,
+                decode_rate=options.decode_rate,
+                scheduler_rate=options.scheduler_rate,
+            )
             for w in range(options.sessions)
         ]
         pairs = list(itertools.product(PrefetchPolicy, WritePolicy))
@@ -183,12 +211,22 @@ class _Run:
                 return
             await self.segment(index, min(options.segment_seconds, left))
 
-    def config(self, prefetch: PrefetchPolicy, write: WritePolicy) -> HiCacheConfig:
+    def device_pages(self, index: int) -> int:
+        """L1's size in segment ``index``: every ``small_l1_every``-th one is small."""
+        options = self.options
+        every = options.small_l1_every
+        if options.small_device_pages and every and index % every == every - 1:
+            return options.small_device_pages
+        return options.device_pages
+
+    def config(
+        self, prefetch: PrefetchPolicy, write: WritePolicy, device_pages: int
+    ) -> HiCacheConfig:
         options = self.options
         values: dict[str, Any] = {
             "layout": self.layout,
             "device": options.device,
-            "device_pages": options.device_pages,
+            "device_pages": device_pages,
             "host_pages": options.host_pages,
             "host_layout": HostLayout.PAGE_FIRST,
             "write_policy": write,
@@ -216,13 +254,14 @@ class _Run:
 
     async def segment(self, index: int, seconds: float) -> None:
         prefetch, write = self.policies[index % len(self.policies)]
-        config = self.config(prefetch, write)
+        config = self.config(prefetch, write, self.device_pages(index))
         rng = random.Random(f"soak:{self.options.seed}:segment:{index}")
         faults = SegmentFaults(self.options.faults, rng, self.options.stall_s)
         record: dict[str, Any] = {
             "index": index,
             "prefetch_policy": prefetch.value,
             "write_policy": write.value,
+            "device_pages": config.device_pages,
             "requests_before": self.tally.requests,
         }
         options: dict[str, Any] = {
@@ -379,7 +418,8 @@ class _Run:
         """One request as ``plan`` says; True when it was served."""
         tally = self.tally
         policy = f"{cache.config.prefetch_policy.value}/{cache.config.write_policy.value}"
-        flight = watch.start(worker, plan.bad_kind or plan.mode, policy)
+        kind = plan.bad_kind or (plan.mode if plan.api == "session" else f"{plan.mode}/{plan.api}")
+        flight = watch.start(worker, kind, policy)
         tally.requests += 1
         ctx = Ctx(cache, tally, flight)
         try:
@@ -388,21 +428,23 @@ class _Run:
                 flight.coro = coro = run_bad(ctx, plan)
                 tally.bad_outcome(plan.bad_kind, await coro)
                 return False
-            flight.coro = served = serve(ctx, plan.tokens, plan.extra_key)
+            flight.coro = served = serve(ctx, plan)
             if plan.mode == "normal":
-                await served
-                tally.served += 1
-                return True
+                if await served:
+                    tally.served += 1
+                    return True
+                return False  # aborted or retracted (scheduler-level requests)
             tally.cancels += 1
+            ended = False
             with anyio.CancelScope() as scope:
                 if plan.mode == "cancel_delay":
                     scope.deadline = anyio.current_time() + plan.delay
-                    await served
+                    ended = await served
                 else:
-                    await CancelAtSuspension(served, scope, plan.at)
+                    ended = await CancelAtSuspension(served, scope, plan.at)
             if scope.cancelled_caught:
                 tally.cancelled += 1
-            else:
+            elif ended:
                 tally.served += 1
             return False
         except CapacityError:
@@ -451,11 +493,13 @@ class _Run:
             "hang_details": self.hangs[:10],
             "wrong_bytes": tally.wrong_bytes,
             "wrong_hits": tally.wrong_hits,
+            "wrong_tables": tally.wrong_tables,
             "hits_checked": tally.hits_checked,
             "hit_ratio": round(tally.hit_tokens / tally.prompt_tokens, 4)
             if tally.prompt_tokens
             else 0.0,
             "hit_tokens_by_tier": dict(tally.hits_by_tier),
+            "lifecycle": {key: tally.lifecycle[key] for key in LIFECYCLE_COUNTS},
             "leaked_pages": self.leaked_pages,
             "lost_pages": self.lost_pages,
             "events_dropped": self.events_dropped,
@@ -480,6 +524,7 @@ class _Run:
         report["ok"] = not (
             hangs
             or tally.wrong_bytes
+            or tally.wrong_tables
             or self.leaked_pages
             or self.lost_pages
             or self.cache_deaths
