@@ -37,7 +37,6 @@ from hicache_async.events import (
     BlockRemoved,
     EventHub,
     EventStream,
-    KVEvent,
     StorageMedium,
 )
 from hicache_async.health import Health
@@ -422,16 +421,17 @@ class HiCache:
         tree = self.tree
         if tree.protected_size(RadixTier.DEVICE) or tree.protected_size(RadixTier.HOST):
             raise HiCacheError("clear() while requests hold cached pages; let them finish first")
-        self.device_tier.evict(self.l1.allocator.usable, keep_host=False, emit=False)
-        events: list[KVEvent] = [AllBlocksCleared(StorageMedium.GPU)]
+        # Everything goes: one AllBlocksCleared. L3 keeps its pages: per-page removals from L1
+        # and L2, as no consumer's AllBlocksCleared names tiers (they read it as clear-all).
+        everything = storage or self.storage is None
+        self.device_tier.evict(self.l1.allocator.usable, keep_host=False, emit=not everything)
         if self.host_tier is not None and self.host_pool is not None:
-            self.host_tier.evict(self.host_pool.allocator.usable, emit=False)
-            events.append(AllBlocksCleared(StorageMedium.CPU_PINNED))
+            self.host_tier.evict(self.host_pool.allocator.usable, emit=not everything)
         self._unbacked.clear()  # every node left the tree
-        if storage and self.storage is not None and self.write_back is not None:
+        if storage and self.storage is not None:
             await self.storage.clear()
-            events.append(AllBlocksCleared(self.write_back.medium))
-        self.hub.emit(events)
+        if everything:
+            self.hub.emit([AllBlocksCleared()])
 
     # -- the lower level (for frameworks with their own scheduler) -------------------------
 
@@ -641,6 +641,7 @@ class HiCache:
             queues=queues,
             events_published=self.hub.published,
             events_dropped=self.hub.dropped,
+            kv_publisher=self.publisher.stats() if self.publisher is not None else None,
             tp_rounds=self.consensus.rounds if self.consensus is not None else 0,
             tp_unpaired_rounds=self.consensus.unpaired if self.consensus is not None else 0,
             background_failures=dict(self.health.failures),

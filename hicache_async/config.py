@@ -106,13 +106,17 @@ class KVEventsConfig(BaseModel):
         default=10_000, gt=0, le=_MAX_C_INT, description="Batches kept for replay."
     )
     hwm: int = Field(default=100_000, ge=0, le=_MAX_C_INT, description="ZMQ send high-water mark.")
-    medium_names: Literal["sglang", "vllm"] = Field(
-        default="sglang",
-        description="Medium names on the wire: SGLang's (GPU, CPU_PINNED, DISK, EXTERNAL) or "
-        "vLLM's (GPU, CPU, STORAGE).",
+    max_queue_size: int = Field(
+        default=100_000,
+        gt=0,
+        le=_MAX_C_INT,
+        description="Batches waiting for the publisher thread; past it a batch is dropped, "
+        "counted, and its sequence number left as a gap.",
     )
-    hash_format: Literal["int64", "bytes"] = Field(
-        default="int64", description="Block hashes as the low 64 bits (vLLM's default) or raw."
+    format: Literal["vllm", "sglang", "dynamo"] = Field(
+        default="vllm",
+        description="The consumer whose structs go on the wire: vllm (vLLM 0.33), sglang "
+        "(SGLang 0.5.23) or dynamo (NVIDIA Dynamo's KV router); see docs/events.md.",
     )
 
     def __init__(self, **values: Any) -> None:
@@ -121,7 +125,19 @@ class KVEventsConfig(BaseModel):
         except ValidationError as exc:
             raise translate(exc, "KVEventsConfig", ConfigError) from exc
 
-    @field_validator("buffer_steps", "hwm", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_fields(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for name in ("medium_names", "hash_format"):
+                if name in values:
+                    raise ValueError(
+                        f"{name} was replaced by format='vllm', 'sglang' or 'dynamo' (the "
+                        f"consumer decides medium names and hashes)"
+                    )
+        return values
+
+    @field_validator("buffer_steps", "hwm", "max_queue_size", mode="before")
     @classmethod
     def _no_bool_counts(cls, value: Any) -> Any:
         return refuse_bool(value)

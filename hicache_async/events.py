@@ -6,18 +6,21 @@ event completed, after the backend acknowledged. Block hashes are the radix tree
 SHA-256 page hashes (hex); wire encoders convert them (vLLM's decoder wants the low 64 bits as
 an int, see :func:`hash_to_int64`).
 
-:class:`EventHub` fans batches out to subscribers through bounded memory streams: a slow
-consumer loses batches (counted in :attr:`EventStream.dropped`), it never blocks the cache.
+:class:`EventHub` numbers every batch when it makes it (:attr:`EventBatch.seq`) and fans it out
+to subscribers (bounded memory streams) and sinks (the ZMQ publisher). A slow consumer loses
+batches, it never blocks the cache; every loss is counted (:attr:`EventStream.dropped`,
+:attr:`EventHub.dropped`) and shows as a gap in the sequence numbers the consumer sees.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -28,8 +31,10 @@ __all__ = [
     "BlockStored",
     "EventBatch",
     "EventHub",
+    "EventSink",
     "EventStream",
     "KVEvent",
+    "Offer",
     "StorageMedium",
     "hash_to_int64",
 ]
@@ -84,7 +89,11 @@ class BlockRemoved:
 
 @dataclass(frozen=True, slots=True)
 class AllBlocksCleared:
-    """Every page left ``medium`` (every tier when ``medium`` is None)."""
+    """Every page left every tier (``medium`` None: what the cache emits), or left ``medium``.
+
+    The cache clears tiers one by one with per-page :class:`BlockRemoved` events (a partial
+    clear); none of the wire formats has a tiered clear, so an ``AllBlocksCleared`` built with a
+    ``medium`` goes on the wire as a clear of everything."""
 
     medium: StorageMedium | None = None
 
@@ -94,11 +103,29 @@ KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 @dataclass(frozen=True, slots=True)
 class EventBatch:
-    """Events published together, with the wall-clock time of the batch."""
+    """Events published together, with the wall-clock time of the batch.
+
+    ``seq`` is the hub's count of the batches it made before this one: a subscriber that sees
+    it jump lost the batches in between (they are counted in its ``dropped``)."""
 
     events: tuple[KVEvent, ...]
     ts: float = field(default_factory=time.time)
     data_parallel_rank: int | None = None
+    seq: int = 0
+
+
+class Offer(Enum):
+    """What a subscriber or sink did with a batch offered to it."""
+
+    QUEUED = "queued"  # it will be read or published
+    DROPPED = "dropped"  # its buffer was full: lost, counted, a gap in what it sees
+    GONE = "gone"  # it has closed: the hub forgets it
+
+
+class EventSink(Protocol):
+    """What :meth:`EventHub.attach` takes: an ``offer`` that never waits (the loop calls it)."""
+
+    def offer(self, batch: EventBatch) -> Offer: ...
 
 
 class EventStream:
@@ -111,15 +138,16 @@ class EventStream:
         self._receive: MemoryObjectReceiveStream[EventBatch] = receive
         self.dropped = 0  # batches lost because this subscriber fell behind
 
-    def _offer(self, batch: EventBatch) -> bool:
-        """Queue ``batch`` without waiting; False once the subscriber has gone."""
+    def offer(self, batch: EventBatch) -> Offer:
+        """Queue ``batch`` without waiting."""
         try:
             self._send.send_nowait(batch)
         except anyio.WouldBlock:
             self.dropped += 1
+            return Offer.DROPPED
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return False
-        return True
+            return Offer.GONE
+        return Offer.QUEUED
 
     def pending(self) -> int:
         """Batches queued and not yet read."""
@@ -164,17 +192,19 @@ class EventStream:
 
 
 class EventHub:
-    """Fans event batches out to subscribers; never blocks the publisher (the cache)."""
+    """Numbers event batches and fans them out; never blocks the publisher (the cache)."""
 
     def __init__(self, *, data_parallel_rank: int | None = None) -> None:
         self._subscribers: set[EventStream] = set()
+        self._sinks: list[EventSink] = []
         self.data_parallel_rank = data_parallel_rank
-        self.published = 0  # batches emitted while at least one subscriber listened
+        self.published = 0  # batches made while at least one subscriber or sink listened
+        self.dropped = 0  # batches a subscriber or sink lost (its buffer was full), in all
 
     @property
     def active(self) -> bool:
         """Whether anyone listens: callers skip building events when nobody does."""
-        return bool(self._subscribers)
+        return bool(self._subscribers or self._sinks)
 
     def subscribe(self, max_batches: int = 10_000) -> EventStream:
         """A new bounded stream of every batch emitted from now on."""
@@ -184,23 +214,38 @@ class EventHub:
         self._subscribers.add(stream)
         return stream
 
+    @contextmanager
+    def attach(self, sink: EventSink) -> Iterator[EventSink]:
+        """Offer every batch emitted while the block runs to ``sink`` (the ZMQ publisher)."""
+        self._sinks.append(sink)
+        try:
+            yield sink
+        finally:
+            self._sinks.remove(sink)
+
     def emit(self, events: Sequence[KVEvent]) -> None:
-        """Publish ``events`` as one batch to every subscriber (call on the loop thread)."""
-        if not events or not self._subscribers:
+        """Publish ``events`` as one batch to every listener (call on the loop thread)."""
+        if not events or not (self._subscribers or self._sinks):
             return
-        batch = EventBatch(tuple(events), data_parallel_rank=self.data_parallel_rank)
+        batch = EventBatch(
+            tuple(events), data_parallel_rank=self.data_parallel_rank, seq=self.published
+        )
         self.published += 1
-        gone = [stream for stream in self._subscribers if not stream._offer(batch)]
+        for sink in self._sinks:
+            if sink.offer(batch) is Offer.DROPPED:
+                self.dropped += 1
+        gone = []
+        for stream in self._subscribers:
+            offer = stream.offer(batch)
+            if offer is Offer.DROPPED:
+                self.dropped += 1
+            elif offer is Offer.GONE:
+                gone.append(stream)
         for stream in gone:
             self._subscribers.discard(stream)
 
     def _forget(self, stream: EventStream) -> None:
         self._subscribers.discard(stream)
-
-    @property
-    def dropped(self) -> int:
-        """Batches lost across the current subscribers."""
-        return sum(stream.dropped for stream in self._subscribers)
 
     def close(self) -> None:
         """End every stream: readers drain what is queued, then stop."""

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, computed_field
 __all__ = [
     "CacheStats",
     "Counters",
+    "KVPublisherStats",
     "PrefetchStats",
     "QueueStats",
     "StorageStats",
@@ -166,6 +167,18 @@ class QueueStats(_Frozen):
     capacity: int = 0
 
 
+class KVPublisherStats(_Frozen):
+    """The ZMQ KV event publisher: every batch is published or counted in ``dropped``."""
+
+    published: int = 0  # batches sent on the PUB socket
+    dropped: int = 0  # sequence numbers that never reached the wire (a gap subscribers see)
+    queued: int = 0  # batches waiting for the publisher thread now
+    queue_capacity: int = 0  # ``max_queue_size``
+    replays: int = 0  # replay requests answered
+    replays_malformed: int = 0  # of the wrong shape (ignored) or start length (answered)
+    replayed: int = 0  # batches resent by replays
+
+
 class CacheStats(_Frozen):
     """A snapshot of ``cache.stats()``; ``model_dump(mode="json")`` is JSON-ready."""
 
@@ -175,8 +188,9 @@ class CacheStats(_Frozen):
     prefetch: PrefetchStats = PrefetchStats()
     storage: StorageStats = StorageStats()
     queues: dict[str, QueueStats] = {}
-    events_published: int = 0
-    events_dropped: int = 0
+    events_published: int = 0  # KV event batches made while someone listened
+    events_dropped: int = 0  # batches a listener lost (a stream or the publisher was full)
+    kv_publisher: KVPublisherStats | None = None  # when kv_events publishes over ZMQ
     tp_rounds: int = 0  # tensor-parallel agreement rounds (hits and prefetches)
     tp_unpaired_rounds: int = 0  # of those, reached from different requests: nothing used
     # Background jobs that failed (rolled back and contained: the cache went on), by job:
@@ -193,6 +207,7 @@ class CacheStats(_Frozen):
         queues: dict[str, QueueStats] | None = None,
         events_published: int = 0,
         events_dropped: int = 0,
+        kv_publisher: KVPublisherStats | None = None,
         tp_rounds: int = 0,
         tp_unpaired_rounds: int = 0,
         background_failures: dict[str, int] | None = None,
@@ -229,6 +244,7 @@ class CacheStats(_Frozen):
             queues=queues or {},
             events_published=events_published,
             events_dropped=events_dropped,
+            kv_publisher=kv_publisher,
             tp_rounds=tp_rounds,
             tp_unpaired_rounds=tp_unpaired_rounds,
             background_failures=background_failures or {},

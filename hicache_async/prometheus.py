@@ -100,6 +100,17 @@ class StatsCollector(Collector):
         events.add_metric(["published"], s.events_published)
         events.add_metric(["dropped"], s.events_dropped)
         yield events
+        if s.kv_publisher is not None:
+            pub = s.kv_publisher
+            batches = counter("kv_publisher_batches", "ZMQ KV event batches by fate", ("fate",))
+            batches.add_metric(["published"], pub.published)
+            batches.add_metric(["dropped"], pub.dropped)
+            replays = counter("kv_publisher_replays", "Replay requests by shape", ("request",))
+            replays.add_metric(["answered"], pub.replays)
+            replays.add_metric(["malformed"], pub.replays_malformed)
+            resent = counter("kv_publisher_replayed_batches", "Batches resent by replays")
+            resent.add_metric([], pub.replayed)
+            yield from (batches, replays, resent)
 
         rounds = counter(
             "tp_rounds",

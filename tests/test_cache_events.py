@@ -83,10 +83,40 @@ async def test_store_evictions_per_tier_and_clear() -> None:
 
         await cache.clear(storage=True)
         cleared = pending(stream)
-        assert summary(cleared) == [("cleared", G, 0), ("cleared", C, 0), ("cleared", E, 0)]
+        assert summary(cleared) == [("cleared", None, 0)]  # every tier: one clear-all
         assert cache.match_prefix(cache.key(PROMPT)).device_hit_length == 0
         assert cache.storage is not None
         assert await cache.storage.batch_exists(list(hashes)) == 0
+
+
+async def test_a_partial_clear_is_per_page_removals_and_l3_keeps_its_pages() -> None:
+    # Issue 19: clear(storage=False) sent AllBlocksCleared for L1 and L2, which vLLM's and
+    # Dynamo's routers read as clear-all: they dropped L3 pages the cache still had.
+    hashes = tuple(page_hashes(PROMPT.tolist(), 4))
+    async with HiCache.open(config()) as cache, cache.events() as stream:
+        await serve(cache, PROMPT)
+        await cache.drain()
+        pending(stream)
+        await cache.clear()
+        events = pending(stream)
+        assert not any(isinstance(e, AllBlocksCleared) for e in events)
+        removed = {m: set() for m in (G, C, E)}
+        for event in events:
+            assert isinstance(event, BlockRemoved)
+            removed[event.medium] |= set(event.block_hashes)
+        assert removed == {G: set(hashes), C: set(hashes), E: set()}
+        assert cache.storage is not None
+        assert await cache.storage.batch_exists(list(hashes)) == 6
+
+
+async def test_clear_without_l3_is_one_clear_all() -> None:
+    cfg = config().model_copy(update={"storage_backend": "none"})
+    async with HiCache.open(cfg) as cache, cache.events() as stream:
+        await serve(cache, PROMPT)
+        await cache.drain()
+        pending(stream)
+        await cache.clear()
+        assert summary(pending(stream)) == [("cleared", None, 0)]
 
 
 async def test_clear_refuses_while_a_request_holds_pages() -> None:

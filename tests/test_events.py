@@ -49,6 +49,33 @@ async def test_slow_subscriber_drops_and_never_blocks() -> None:
         assert slow.dropped == 3
         assert hub.dropped == 3
         assert slow.pending() == 2
+        # Batches are numbered when made: the reader sees the gap the drops left.
+        assert [batch.seq for batch in slow.drain_nowait()] == [0, 1]
+        hub.emit([STORED])
+        assert (await slow.receive()).seq == 5
+    assert hub.dropped == 3  # a total: it stays when the stream goes
+
+
+async def test_sinks_get_every_batch_and_their_drops_count() -> None:
+    from hicache_async.events import EventBatch, Offer
+
+    class Full:
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        def offer(self, batch: EventBatch) -> Offer:
+            self.seen.append(batch.seq)
+            return Offer.DROPPED if batch.seq % 2 else Offer.QUEUED
+
+    hub = EventHub()
+    sink = Full()
+    with hub.attach(sink):
+        assert hub.active
+        for _ in range(4):
+            hub.emit([STORED])
+    assert not hub.active
+    hub.emit([STORED])
+    assert (sink.seen, hub.published, hub.dropped) == ([0, 1, 2, 3], 4, 2)
 
 
 async def test_closed_subscriber_is_forgotten() -> None:

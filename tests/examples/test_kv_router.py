@@ -54,7 +54,7 @@ async def test_index_follows_two_workers_and_replays_a_gap() -> None:
                 tg.cancel_scope.cancel()
             assert b.replays == 1  # the batch sent before the router joined came by replay
             scores = index.score(prompt)
-            assert scores["a"] == {"GPU": 2, "CPU_PINNED": 4}
-            assert scores["b"] == {"GPU": 2, "DISK": 4}
+            assert scores["a"] == {"GPU": 2, "CPU": 4}  # vLLM's medium names (the default)
+            assert scores["b"] == {"GPU": 2, "STORAGE": 4}
     finally:
         context.term()

@@ -37,7 +37,7 @@ def config(name: str) -> HiCacheConfig:
 def truth(cache: HiCache) -> dict[str, set[int]]:
     """What the cache really holds, per medium, as the wire's int64 block hashes."""
     tree: RadixTree = cache.tree
-    held: dict[str, set[int]] = {"GPU": set(), "CPU_PINNED": set(), "EXTERNAL": set()}
+    held: dict[str, set[int]] = {"GPU": set(), "CPU": set(), "STORAGE": set()}  # vLLM's names
     stack = [child for root in [tree.root] for child in root.children.values()]
     while stack:
         node = stack.pop()
@@ -46,11 +46,11 @@ def truth(cache: HiCache) -> dict[str, set[int]]:
         if node.state.device_valid:
             held["GPU"] |= hashes
         if node.state.host_valid:
-            held["CPU_PINNED"] |= hashes
+            held["CPU"] |= hashes
     storage = cache.storage
     assert storage is not None
     suffix = len(storage.suffix)
-    held["EXTERNAL"] = {hash_to_int64(k[:-suffix]) for k in storage.store._values}  # type: ignore[attr-defined]
+    held["STORAGE"] = {hash_to_int64(k[:-suffix]) for k in storage.store._values}  # type: ignore[attr-defined]
     return held
 
 
@@ -97,7 +97,7 @@ async def test_router_index_matches_the_caches() -> None:
                 for medium, hashes in held.items():
                     assert workers[name].blocks[medium] == hashes, (name, medium)
                 assert held["GPU"]
-                assert held["CPU_PINNED"]
-                assert held["EXTERNAL"]
+                assert held["CPU"]
+                assert held["STORAGE"]
     finally:
         context.term()
