@@ -188,7 +188,7 @@ class HiCache:
                 self.tree, self.storage, self.counters, self.hub, medium=medium, health=self.health
             )
             self.storage.removal_listener = self._l3_removed
-            self.write_back.on_release = self._retry_backups  # unlocked pages: room on L2
+            self.write_back.on_release = self._l2_unpinned
             self.prefetcher = Prefetcher(
                 self.tree,
                 self.host_tier,
@@ -289,6 +289,7 @@ class HiCache:
             self.state = CacheState.CLOSED
             return
         self.state = CacheState.CLOSING
+        self.room.close()  # requests waiting for L1 room raise ClosedError now
         stack, self._stack = self._stack, None
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.drain_timeout):
             await self.drain()
@@ -566,6 +567,30 @@ class HiCache:
                 return False
             self._backups_pending.add(pages)
         return True
+
+    def _l2_unpinned(self) -> None:
+        """An L3 write released its host pages: L2 has room for deferred backups, and L1
+        victims that waited for a backup (``write_back``) can move there."""
+        self._retry_backups()
+        if self.room.waiting:
+            self.room.notify()
+
+    def queue_victim_backups(self, pages: int) -> None:
+        """Under ``write_back``, back up the next ``pages`` pages' worth of L1 victims in the
+        background: a synchronous reservation (a scheduler's step) cannot wait for them, and
+        L1 never evicts a page without a host copy, so without this a later step would find
+        no room either."""
+        if self.backup is None or not self.device_tier.keep_unbacked or self.state is not _OPEN:
+            return
+        tokens = (pages + self.device_tier.headroom) * self.page_size
+        for node in self.tree.eviction_candidates(max(1, pages)):
+            if tokens <= 0:
+                break
+            if node.state is not NodeState.DEVICE:
+                continue  # backed up already, or on its way
+            tokens -= node.num_tokens
+            if not self._reserve_backups(node, hits=0):
+                break
 
     def _retry_backups(self) -> None:
         """Retry the paths whose backups found no room, oldest first, while L2 can take them

@@ -206,6 +206,8 @@ class Session:
             cache.device_tier.free_pages(self._own)
             self._own = self._own_slots_all = None
         self.state = _CLOSED
+        if cache.room.waiting:  # one request fewer: the head may see no room can ever come
+            cache.room.notify()
 
     # -- the steps ------------------------------------------------------------------------
 
@@ -277,7 +279,7 @@ class Session:
             pages = self._hit_pages = match.device_pages
             length = pages.numel() * size
             room = -(-(len(self.key.data) // TOKEN_BYTES - length) // size)
-            if room > cache._device_allocator.available:
+            if room > cache._device_allocator.available and _can_fit(cache, room, length):
                 await cache.ensure_device_room(room)
                 self._still_matched("load()")
             counters = cache.counters
@@ -342,7 +344,7 @@ class Session:
         # Make sure allocate() can place the rest of the prompt: pages pinned by backups in
         # flight free up when their copies land, which only an await can wait for.
         room = -(-(len(self.key.data) // TOKEN_BYTES - length) // cache.page_size)
-        if room and room > cache._device_allocator.available:
+        if room and room > cache._device_allocator.available and _can_fit(cache, room, length):
             await cache.ensure_device_room(room)
             self._still_matched("load()")
         # Tokens by the tier they were found in: the device part, then pages L2 held, then
@@ -375,6 +377,8 @@ class Session:
         committed (SGLang's ``prefix_indices``), on the L1 pool's device. After a commit
         they may differ from the slots handed out: where another request inserted the same
         pages first, the tree's pages replaced this session's (which were freed)."""
+        if self.state is _CLOSED:
+            raise HiCacheError("the session ended: its slots may hold other requests' KV now")
         self._begin()
         table, own = self._table, self._own
         assert table is not None
@@ -426,15 +430,16 @@ class Session:
         seconds, or at once when no room can ever come (every open request waits for room
         and no background work will free any), a :class:`CapacityError` saying how much was
         asked, free, evictable and locked."""
+        _check_timeout(timeout)
         need = self._pages_for(n_tokens)
+        self._check_fits(need)
         cache = self._cache
         room = cache.room
-        if not room.waiting:  # nobody ahead: take it now if there is room
+        # Nobody ahead, or no new page (the last page has room: never queue for nothing).
+        if need == 0 or not room.waiting:
             pages = self._reserve(need)
             if pages is not None:
                 return self._hand(n_tokens, pages)
-        if need > cache.l1.allocator.usable:
-            raise CapacityError(_room_report(cache, need))
 
         async def take() -> torch.Tensor | None:
             await cache.ensure_device_room(need)
@@ -480,8 +485,28 @@ class Session:
         """:meth:`allocate_nowait`, or None when L1 has no room now (a scheduler leaves the
         request waiting for its next step)."""
         need = self._pages_for(n_tokens)
+        self._check_fits(need)
         pages = self._reserve(need)
-        return None if pages is None else self._hand(n_tokens, pages)
+        if pages is None:
+            self._cache.queue_victim_backups(need)  # write_back: room for a later step
+            return None
+        return self._hand(n_tokens, pages)
+
+    def _check_fits(self, need: int) -> None:
+        """Refuse, before evicting anything, ``need`` more pages than L1 can ever give this
+        request beside the pages it holds already."""
+        cache = self._cache
+        size = cache.page_size
+        if self._table is not None:
+            cached = self._cached
+        else:
+            cached = self._match.device_hit_length if self._match is not None else 0
+        held = cached // size + (0 if self._own is None else self._own.numel())
+        if need and need + held > cache.l1.allocator.usable:
+            raise CapacityError(
+                f"a request holding {held} L1 pages can never get {need} more: L1 has "
+                f"{cache.l1.allocator.usable} (shorter chunks, or more device_pages)"
+            )
 
     def _check_slots(self, new_slots: object) -> None:
         self._expect_active()
@@ -527,6 +552,10 @@ class Session:
             self._expect_active()
         if self._cache.state is not _OPEN:
             self._cache._check_open()
+        if self._turn is not None:
+            raise HiCacheError(
+                "allocate() is waiting for room for this session: one allocation at a time"
+            )
         if type(n_tokens) is not int or n_tokens < 0:  # the check's own cost, only when off
             _check_count("allocate()", n_tokens)
         if self._table is None and self._hit is not None:
@@ -766,6 +795,12 @@ class Session:
             raise HiCacheError(f"the session is {self.state.value}; this step needs {state.value}")
 
 
+def _can_fit(cache: HiCache, pages: int, hit_tokens: int) -> bool:
+    """Whether L1 could ever hold ``pages`` more beside a hit of ``hit_tokens``: a prompt
+    longer than L1 (prefilled in chunks) must not evict the whole cache at load()."""
+    return pages + hit_tokens // cache.page_size <= cache.l1.allocator.usable
+
+
 def _room_report(cache: HiCache, pages: int) -> str:
     """How much an allocation asked for, and where L1's pages are."""
     allocator, tree, size = cache.l1.allocator, cache.tree, cache.page_size
@@ -783,6 +818,8 @@ def _no_room_ever(cache: HiCache, pages: int) -> str | None:
     (none will end and free its pages) and no backup or prefetch in flight will unpin any."""
     if cache.room.waiting < cache._sessions_open or cache._backups_pending.count:
         return None
+    if cache.write_back is not None and cache.write_back.pending.count:
+        return None  # L3 writes landing unpin L2, where L1 victims can then go
     if cache.prefetcher is not None and cache.prefetcher.running.count:
         return None
     return (
@@ -796,6 +833,14 @@ def check_priority(priority: object) -> None:
     stored on the nodes the request inserts and break every comparison after it)."""
     if isinstance(priority, bool) or not isinstance(priority, numbers.Real):
         raise RadixInputError(f"priority must be an int, not {_describe(priority)}")
+
+
+def _check_timeout(timeout: object) -> None:
+    """``allocate(timeout=)``: None (wait as long as it takes) or seconds, a real number."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or timeout != timeout:
+        raise LayoutError(f"allocate() takes timeout=None or seconds, not {_describe(timeout)}")
 
 
 def _check_count(what: str, value: object) -> None:

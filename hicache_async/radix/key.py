@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -138,7 +139,14 @@ def tokens_to_bytes(token_ids: TokenIds) -> bytes:
         if token_ids.is_meta:
             raise RadixInputError("token ids on the meta device hold no values")
         return _from_numpy(token_ids.detach().cpu().numpy())
+    if isinstance(token_ids, (AbstractSet, Mapping)):
+        raise RadixInputError(
+            f"token ids must be in order (a list, tuple or tensor), not a "
+            f"{type(token_ids).__name__}"
+        )
     try:
+        # A bool in a list is taken as 0 or 1, as Python's ints do: checking each element's
+        # type would double the cost of converting a list prompt (SGLang's fill_ids).
         ids = array("q", token_ids)
     except (TypeError, OverflowError) as exc:
         raise RadixInputError(f"token ids must be int64 integers: {exc}") from exc

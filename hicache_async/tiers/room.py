@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import anyio
 
-from hicache_async.errors import CapacityError, HiCacheError
+from hicache_async.errors import CapacityError, ClosedError, HiCacheError
 from hicache_async.radix import RadixTree
 from hicache_async.tiers._paged import PagedTier
 
@@ -42,10 +42,11 @@ class RoomQueue:
         self._tree, self._tier = tree, tier
         self._queue: collections.deque[Turn] = collections.deque()
         self._changed: anyio.Event | None = None  # set by notify(); the head waits on it
+        self._closed = False
 
     @property
     def waiting(self) -> int:
-        """Requests waiting for room now."""
+        """Requests waiting for room now (an abandoned turn has left already)."""
         return len(self._queue)
 
     def notify(self) -> None:
@@ -56,9 +57,18 @@ class RoomQueue:
             changed.set()
 
     def abandon(self, turn: Turn) -> None:
-        """The waiter's session was closed: wake it so that it leaves the queue."""
+        """The waiter's session was closed: it leaves the queue now (the head, which may run
+        before the waiter's task does, must not count it as waiting) and is woken to raise."""
         turn.abandoned = True
+        self._leave(turn)
         turn.event.set()
+        self.notify()
+
+    def close(self) -> None:
+        """The cache is closing: every waiter wakes and raises :class:`ClosedError`."""
+        self._closed = True
+        for turn in self._queue:
+            turn.event.set()
         self.notify()
 
     async def wait(
@@ -70,6 +80,8 @@ class RoomQueue:
         """Wait for ``turn``, then call ``take`` until it returns something. ``stuck`` says
         why no room can ever come (every request that holds L1 pages is waiting too, and no
         background work will free any): then :class:`CapacityError`, not a wait for ever."""
+        if self._closed:
+            raise ClosedError("the cache closed: no room will come")
         queue = self._queue
         queue.append(turn)
         if len(queue) == 1:
@@ -82,6 +94,8 @@ class RoomQueue:
             while True:
                 if turn.abandoned:
                     raise HiCacheError("the session was closed while allocate() waited for room")
+                if self._closed:
+                    raise ClosedError("the cache closed while allocate() waited for room")
                 # Made before trying: a change while ``take`` awaits is not missed.
                 changed = self._changed
                 if changed is None:
@@ -94,12 +108,19 @@ class RoomQueue:
                     raise CapacityError(reason)
                 await changed.wait()
         finally:
-            head = queue[0] is turn
-            queue.remove(turn)
-            if not queue:
-                self._listen(False)
-            elif head:
-                queue[0].event.set()
+            self._leave(turn)
+
+    def _leave(self, turn: Turn) -> None:
+        """Take ``turn`` out of the queue (once), passing the head on."""
+        queue = self._queue
+        if turn not in queue:
+            return
+        head = queue[0] is turn
+        queue.remove(turn)
+        if not queue:
+            self._listen(False)
+        elif head:
+            queue[0].event.set()
 
     def _listen(self, on: bool) -> None:
         callback = self.notify if on else None
