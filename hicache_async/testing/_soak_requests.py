@@ -146,7 +146,14 @@ def _timed(ctx: Ctx, step: str, started: float, tokens: int) -> None:
         ctx.tally.late += 1
         if len(ctx.tally.over_deadline) < MAX_ERRORS:
             ctx.tally.over_deadline.append(
-                {"policy": policy.value, "step": step, "took_s": round(took, 3), "tokens": tokens}
+                {
+                    "policy": policy.value,
+                    "write_policy": config.write_policy.value,
+                    "device_pages": config.device_pages,
+                    "step": step,
+                    "took_s": round(took, 3),
+                    "tokens": tokens,
+                }
             )
 
 
