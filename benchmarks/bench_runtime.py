@@ -13,11 +13,11 @@ Measurements in one process:
   were deferred), so it does less work per request than a loop that keeps up, and 60% of its
   rate can be past what the copies sustain on this machine. ``open_loop_sweep`` runs the open
   loop at the absolute ``--rates`` as well, to show where the backups stop keeping up.
-* ``hit_path``: a full L1 hit through sessions, by hand (:func:`bare_hit`: key, match, lock,
-  unlock; ``overhead`` = runtime / by hand - 1, target < 15%), and through the smallest
-  session of the same shape (``api_floor``: ``async with`` + ``await load()`` + a ``Hit``,
-  nothing else), what the API's shape alone costs. The paths alternate request by request
-  (paired samples), so the ratio holds while the VM's speed drifts;
+* ``hit_path``: a full L1 hit through sessions, by hand (:func:`bare_hit`: key and its ids'
+  range check, match, lock, unlock; ``overhead`` = runtime / by hand - 1, target < 15%), and
+  through the smallest session of the same shape (``api_floor``: ``async with`` + ``await
+  load()`` + a ``Hit``, nothing else), what the API's shape alone costs. The paths alternate
+  request by request (paired samples), so the ratio holds while the VM's speed drifts;
 * ``hit_and_tail``: a cached prefix plus one new page, through sessions and by hand
   (:func:`bare_hit_and_tail`).
 * ``chunked``: a new prompt prefilled in chunks that do not fall on page boundaries, a commit
@@ -48,6 +48,7 @@ from hicache_async import HiCache, HiCacheConfig, KVLayout
 from hicache_async.memory import pages_to_slots
 from hicache_async.metrics import Tier
 from hicache_async.radix import RadixKey, TreeNode
+from hicache_async.radix.key import check_token_ids
 from hicache_async.session import Hit
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", page_size=16)
@@ -222,10 +223,14 @@ async def open_loop(
 
 
 def bare_hit(cache: HiCache, tokens: torch.Tensor) -> torch.Tensor:
-    """What a framework must do by hand for a safe hit: key, match, lock the matched path
-    while the model reads it (the host path too when part of the hit is host-only), unlock."""
+    """What a framework must do by hand for a safe hit: key (ids checked: one outside
+    ``[0, 2**31)`` would fail later, hashing pages for L3 or events), match, lock the matched
+    path while the model reads it (the host path too when part of the hit is host-only),
+    unlock."""
     tree = cache.tree
-    match = tree.match_prefix(RadixKey(tokens))
+    key = RadixKey(tokens)
+    check_token_ids(key.data)
+    match = tree.match_prefix(key)
     last_device, last_host = match.last_device_node, match.last_host_node
     tree.lock(last_device)
     host = last_host is not last_device
@@ -279,6 +284,7 @@ class FloorSession:
         self.cache, self.key = cache, RadixKey(tokens)
 
     async def __aenter__(self) -> FloorSession:
+        check_token_ids(self.key.data)
         self.match = self.cache.tree.match_prefix(self.key)
         self.cache.tree.lock(self.match.last_device_node)
         return self
@@ -339,6 +345,11 @@ async def hit_path(requests: list[torch.Tensor], repeats: int) -> dict[str, Any]
                 block = [await timed(k, tokens) for tokens in requests]
                 blocks[k].append(sum(block) / len(block))
     runtime, direct, floor = paired
+    keys = [RadixKey(tokens).data for tokens in requests]
+    start = clock()
+    for data in keys:
+        check_token_ids(data)
+    token_check = (clock() - start) / len(keys)
     ratios = [r / d for r, d in zip(runtime, direct, strict=True)]
     floor_ratios = [f / d for f, d in zip(floor, direct, strict=True)]
     return {
@@ -349,6 +360,7 @@ async def hit_path(requests: list[torch.Tensor], repeats: int) -> dict[str, Any]
         "api_floor_us": statistics.median(floor) * 1e6,
         "api_floor_overhead": sum(floor) / sum(direct) - 1,
         "api_floor_overhead_median": statistics.median(floor_ratios) - 1,
+        "token_check_us": token_check * 1e6,  # of the by-hand time: the ids' range check
         "samples": len(ratios),
         "overhead_blocks": statistics.median(blocks[0]) / statistics.median(blocks[1]) - 1,
     }

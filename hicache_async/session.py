@@ -495,6 +495,8 @@ class Session:
     def _check_fits(self, need: int) -> None:
         """Refuse, before evicting anything, ``need`` more pages than L1 can ever give this
         request beside the pages it holds already."""
+        if not need:  # most decode steps: the last page has room
+            return
         cache = self._cache
         size = cache.page_size
         if self._table is not None:
@@ -502,7 +504,7 @@ class Session:
         else:
             cached = self._match.device_hit_length if self._match is not None else 0
         held = cached // size + (0 if self._own is None else self._own.numel())
-        if need and need + held > cache.l1.allocator.usable:
+        if need + held > cache.l1.allocator.usable:
             raise CapacityError(
                 f"a request holding {held} L1 pages can never get {need} more: L1 has "
                 f"{cache.l1.allocator.usable} (shorter chunks, or more device_pages)"

@@ -35,6 +35,7 @@ TOKEN_BYTES = 8  # one token id = int64, little-endian
 _I64 = np.dtype("<i8")
 _I64_MAX = 2**63 - 1
 _U64 = np.dtype("<u8")
+_MAX_OF = np.maximum.reduce
 TOKEN_ID_MAX = 2**31 - 1  # page hashes (L3 keys, KV events) narrow ids to int32
 _NATIVE_LE = sys.byteorder == "little"
 _INT_DTYPES = frozenset(
@@ -158,8 +159,9 @@ def check_token_ids(data: KeyBytes) -> None:
     such ids, and page hashes (L3 keys, KV events) narrow ids to int32, so one would fail
     later, inside a background task, instead of at the request that carries it."""
     ids = np.frombuffer(data, dtype=_U64)
-    # One pass: viewed unsigned, a negative id is above every valid one.
-    if ids.size and int(ids.max()) > TOKEN_ID_MAX:
+    # One pass: viewed unsigned, a negative id is above every valid one. (The ufunc's reduce
+    # called directly, and its scalar compared as is: a third of this check on the hit path.)
+    if ids.size and _MAX_OF(ids) > TOKEN_ID_MAX:
         signed = np.frombuffer(data, dtype=_I64)
         where = np.flatnonzero((signed < 0) | (signed > TOKEN_ID_MAX))
         raise RadixInputError(
