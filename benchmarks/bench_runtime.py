@@ -250,6 +250,7 @@ def bare_hit_and_tail(cache: HiCache, tokens: torch.Tensor) -> int:
     usual commit), free the pages another request inserted first, unlock."""
     tree, allocator, ps = cache.tree, cache.l1.allocator, cache.page_size
     key = RadixKey(tokens)
+    check_token_ids(key.data)  # as bare_hit
     match = tree.match_prefix(key)
     last_device, last_host = match.last_device_node, match.last_host_node
     tree.lock(last_device)
@@ -443,6 +444,7 @@ def bare_chunked(cache: HiCache, tokens: torch.Tensor, chunk: int) -> None:
     down; at the end the private tail freed and the lock released."""
     tree, allocator, ps = cache.tree, cache.l1.allocator, cache.page_size
     key = RadixKey(tokens)
+    check_token_ids(key.data)  # as bare_hit
     match = tree.match_prefix(key)
     node = match.last_device_node
     tree.lock(node)
@@ -477,6 +479,7 @@ def bare_decode(cache: HiCache, tokens: torch.Tensor, steps: list[int]) -> None:
     the tree with the lock moved down; at the end the private tail freed."""
     tree, allocator, ps = cache.tree, cache.l1.allocator, cache.page_size
     key = RadixKey(tokens)
+    check_token_ids(key.data)  # as bare_hit
     match = tree.match_prefix(key)
     node = match.last_device_node
     tree.lock(node)
@@ -484,6 +487,8 @@ def bare_decode(cache: HiCache, tokens: torch.Tensor, steps: list[int]) -> None:
     data, n = bytearray(key.data), len(key)
     try:
         for token in steps:
+            if not 0 <= token < 2**31:  # as bare_hit
+                raise ValueError(f"token id {token} outside [0, 2**31)")
             data += token.to_bytes(8, "little", signed=True)
             if n % ps == 0:
                 tail = allocator.alloc(1)
