@@ -10,15 +10,13 @@ this lifecycle goes in here as ``xfail(strict=True)`` until its fix lands.
 from __future__ import annotations
 
 import anyio
-import anyio.lowlevel
 import pytest
-import torch
 
-from hicache_async import HiCache, HiCacheConfig, KVLayout, Session
+from hicache_async import HiCache, HiCacheConfig, KVLayout
 from hicache_async.errors import CapacityError
 from hicache_async.radix import Tier as RadixTier
 from hicache_async.testing._soak_kv import decode_tokens, expected_kv, prefix_hashes, write_kv
-from hicache_async.testing._soak_requests import Ctx, Tally, _chunks, _Room, serve
+from hicache_async.testing._soak_requests import Ctx, Tally, _chunks, serve
 from hicache_async.testing._soak_watch import InFlight
 from hicache_async.testing._soak_workload import Prompts, RequestPlan, Workload
 
@@ -120,21 +118,12 @@ async def test_chunked_prefill_and_decode_then_the_next_turn_hits_the_answer(api
         assert_index_intact(cache)
 
 
-async def test_chunks_another_request_committed_first_switch_to_the_trees_pages(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_chunks_another_request_committed_first_switch_to_the_trees_pages() -> None:
     """Two requests prefill the same prompt in different chunks, interleaved (each chunk's
     "forward pass" yields to the loop): the second's commits find the first's pages, free its
     own and switch to the tree's, and its page table still holds the right bytes (checked at
     its end), as do the hits after. The decode step that fills the page the previous turn
     inserted does the same."""
-    allocate = _Room.allocate
-
-    async def yielding(room: _Room, s: Session, n: int) -> torch.Tensor:
-        await anyio.lowlevel.checkpoint()
-        return await allocate(room, s, n)
-
-    monkeypatch.setattr(_Room, "allocate", yielding)
     async with HiCache.open(config()) as cache:
         ctx = context(cache)
         async with anyio.create_task_group() as tg:

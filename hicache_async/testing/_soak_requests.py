@@ -3,12 +3,13 @@ and the bad ones, each of which must be refused with a ``HiCacheError`` at its c
 
 A served request goes through the whole lifecycle its plan draws: enter, prefetch, load, check
 every byte of the hit against the oracle; prefill the rest in one commit or in chunks (allocate,
-write its KV as a model would, commit, per chunk); decode a few tokens (extend, allocate one,
-write, commit, per token); check that the session's page table (``device_indices``) holds the
-oracle's bytes for every token; exit. Through ``async with`` it waits for room with
-``allocate(n, timeout=...)``; through the scheduler-level API (``enter``, ``try_allocate``,
-``commit_nowait``, ``finish`` / ``abort``) it polls for room each "step" as a scheduler would,
-and is retracted when none comes. Counts go to a :class:`Tally` (``lifecycle`` for the steps).
+write its KV as a model would, yield to the loop as its forward pass would, commit, per chunk);
+decode a few tokens (extend, allocate one, write, yield, commit, per token); check that the
+session's page table (``device_indices``) holds the oracle's bytes for every token; exit.
+Through ``async with`` it waits for room with ``allocate(n, timeout=...)``; through the
+scheduler-level API (``enter``, ``try_allocate``, ``commit_nowait``, ``finish`` / ``abort``)
+it polls for room each "step" as a scheduler would, and is retracted when none comes. Counts
+go to a :class:`Tally` (``lifecycle`` for the steps).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import torch
 
 from hicache_async.cache import HiCache
@@ -219,6 +221,13 @@ class _Room:
         return None
 
 
+async def _forward(ctx: Ctx) -> None:
+    """The model's forward pass over the KV just written: it awaits the device, so other
+    requests run between a request's chunks and decode steps (their commits interleave)."""
+    ctx.flight.step = "forward"
+    await anyio.lowlevel.checkpoint()
+
+
 def _check_table(ctx: Ctx, s: Session, kv: torch.Tensor) -> None:
     """The session's slots of every token so far (hit, committed chunks and decode steps,
     where the tree's pages may have replaced its own) hold the oracle's bytes."""
@@ -264,6 +273,7 @@ async def serve(ctx: Ctx, plan: RequestPlan) -> bool:
             flight.step = "allocate"
             slots = await room.allocate(s, n)
             write_kv(pool, slots, kv[done : done + n])
+            await _forward(ctx)
             flight.step = "commit"
             tally.lifecycle["duplicate_tokens"] += await s.commit(slots)
             tally.lifecycle["prefill_commits"] += 1
@@ -274,6 +284,7 @@ async def serve(ctx: Ctx, plan: RequestPlan) -> bool:
             s.extend([token])
             slot = await room.allocate(s, 1)
             write_kv(pool, slot, kv[done : done + 1])
+            await _forward(ctx)
             flight.step = "decode_commit"
             tally.lifecycle["duplicate_tokens"] += await s.commit(slot)
             tally.lifecycle["decode_steps"] += 1
@@ -315,6 +326,7 @@ async def _serve_scheduled(ctx: Ctx, plan: RequestPlan) -> bool:
                 s.abort()
                 return False
             write_kv(pool, slots, kv[done : done + n])
+            await _forward(ctx)
             flight.step = "commit_nowait"
             counts["duplicate_tokens"] += s.commit_nowait(slots)
             counts["decode_steps" if token is not None else "prefill_commits"] += 1
