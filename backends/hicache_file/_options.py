@@ -42,8 +42,16 @@ class FileOptions(BaseModel):
     )
     fsync: Literal["none", "file", "dir"] = Field(
         default="none",
-        description="none: leave durability to the OS; file: fsync each page before it becomes "
-        "visible; dir: also fsync its directory after the rename.",
+        description="none: leave durability to the OS (a killed process loses nothing, a power "
+        "cut may lose recent pages); file: each batch's pages and index rows are synced before "
+        "the batch is acknowledged; dir: also the directory entries of new files.",
+    )
+    segment_bytes: int = Field(
+        default=256 << 20,
+        ge=1 << 20,
+        le=1 << 40,
+        description="Pages are appended to segment files of about this size (a bigger page "
+        "gets a segment of its own).",
     )
     io_threads: int = Field(
         default_factory=default_io_threads,

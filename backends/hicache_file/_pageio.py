@@ -1,40 +1,27 @@
-"""Blocking I/O of one page file; runs in worker threads, never on the loop.
+"""Vectored I/O helpers, and reads of the old layout's page files (one file a page).
 
-A page file is the payload at offset 0 followed by the codec trailer. Reads go with one
-``preadv`` straight into the host page's segments plus a trailer buffer; writes with one
-``pwritev`` from them into a temporary file that is then renamed over the final name, so a
-reader sees a whole page or none, and concurrent writers of one key both leave a whole page.
+The segment store (``_store``) writes and reads through :data:`_pwritev` / :data:`_preadv`
+(indirections, so tests can inject faults such as ENOSPC). A page file of the old layout is the
+payload at offset 0 followed by the codec trailer; it is read with one ``preadv`` straight
+into the host page's segments plus a trailer buffer, and never written any more.
 
 Only regular files are pages. Whatever else is found in a page's place (a directory, a FIFO,
-a device, a link to one) is refused before any read, since a read from it may never return,
-and removed so that the page can be written again.
+a device, a link to one) is refused before any read, since a read from it may never return.
 """
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import errno
 import os
 import shutil
 import stat
 from collections.abc import Sequence
-from typing import Literal
 
 from hicache_async.errors import CorruptPageError
 from hicache_async.storage import PageBuffer, PageCodec
 from hicache_async.storage.codec import TRAILER_SIZE, checksum
-from hicache_file._tempfiles import temp_path
 
-__all__ = [
-    "NotAPageFileError",
-    "Written",
-    "discard_entry",
-    "is_page_file",
-    "read_page",
-    "remove_quietly",
-    "write_page",
-]
+__all__ = ["NotAPageFileError", "discard_entry", "is_page_file", "read_page"]
 
 _IOV_MAX = 1024  # Linux's limit on buffers per preadv/pwritev call
 _MAX_RW = 0x7FFFF000  # Linux moves at most this many bytes per read/write call
@@ -61,14 +48,6 @@ class NotAPageFileError(CorruptPageError):
     """Something other than a regular file is in a page file's place."""
 
 
-class Written(enum.Enum):
-    """What :func:`write_page` did."""
-
-    STORED = "stored"  # the page file is new
-    SKIPPED = "skipped"  # a page file was there already
-    REPAIRED = "repaired"  # stored, after removing something else in its place
-
-
 def _advance(buffers: Sequence[memoryview], done: int) -> list[memoryview]:
     # The buffers still to fill after ``done`` bytes (a short read or write split one).
     rest: list[memoryview] = []
@@ -92,14 +71,6 @@ def _readv_full(fd: int, buffers: list[memoryview], want: int, offset: int = 0) 
         # A regular file reads short only at its end (or past Linux's per-call cap).
         if n <= 0 or total >= want or (n < request and n < _MAX_RW and len(pending) <= _IOV_MAX):
             return total
-        pending = _advance(pending, n)
-
-
-def _writev_full(fd: int, buffers: list[memoryview]) -> None:
-    offset, pending = 0, buffers
-    while pending:
-        n = _pwritev(fd, pending[:_IOV_MAX], offset)
-        offset += n
         pending = _advance(pending, n)
 
 
@@ -175,67 +146,6 @@ def is_page_file(path: str) -> bool:
     return mode is not None and stat.S_ISREG(mode)
 
 
-def write_page(
-    path: str,
-    digest: bytes,
-    buffer: PageBuffer,
-    codec: PageCodec,
-    fsync: Literal["none", "file", "dir"],
-) -> Written:
-    """Write the page file at ``path`` unless it exists."""
-    mode = _mode(path)
-    if mode is not None and stat.S_ISREG(mode):
-        return Written.SKIPPED
-    repaired = mode is not None and discard_entry(path)
-    tmp = temp_path(path)
-    fd, shards_repaired = _open_temp(tmp, path)
-    try:
-        try:
-            _writev_full(fd, [*buffer, memoryview(codec.trailer(digest, buffer))])
-            if fsync != "none":
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-    if fsync == "dir":
-        dfd = os.open(os.path.dirname(path), os.O_RDONLY | _O_CLOEXEC | _O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    return Written.REPAIRED if repaired or shards_repaired else Written.STORED
-
-
-def _open_temp(tmp: str, path: str) -> tuple[int, bool]:
-    # A new temp file's descriptor, and whether a shard directory's place had to be cleared.
-    # Never a link, never waits on a FIFO (a temp name is ours alone, but a leftover may be).
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC | _O_NOFOLLOW | _O_NONBLOCK
-    repaired = False
-    try:
-        return os.open(tmp, flags, 0o644), repaired
-    except FileNotFoundError:  # first page of this shard directory
-        pass
-    except NotADirectoryError:  # a file where a shard directory should be
-        repaired = _clear_shard_places(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return os.open(tmp, flags, 0o644), repaired
-
-
-def _clear_shard_places(path: str) -> bool:
-    leaf = os.path.dirname(path)
-    cleared = False
-    for shard in (os.path.dirname(leaf), leaf):
-        mode = _mode(shard)
-        if mode is None:
-            break
-        if not stat.S_ISDIR(mode):
-            cleared = discard_entry(shard) or cleared
-    return cleared
-
-
 def discard_entry(path: str) -> bool:
     """Remove what is at ``path``, a file, link, FIFO or directory tree (links are removed,
     never followed); ``True`` when something was removed. Never raises: what cannot be
@@ -248,9 +158,3 @@ def discard_entry(path: str) -> bool:
     except OSError:
         return False
     return True
-
-
-def remove_quietly(path: str) -> None:
-    """Remove ``path`` if it is there."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

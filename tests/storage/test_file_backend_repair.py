@@ -1,19 +1,17 @@
-"""File backend repair: leftovers of killed writers, pages removed or replaced from outside,
-non-regular files in a page's place, and paths or sizes that cannot work (issue 17)."""
+"""File backend repair: what killed writers leave, segments removed or replaced from outside,
+stores of the old one-file-a-page layout, and paths or sizes that cannot work (issue 17, 20)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import anyio
 import pytest
@@ -23,15 +21,16 @@ from hicache_async import HiCache, HiCacheConfig, KVLayout
 from hicache_async.errors import ConfigError
 from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.storage import HiCacheStorageConfig, create_storage
+from hicache_async.storage.codec import key_digest
 from hicache_async.testing.storage import MHA, filled_pool, page_bytes, slots
 from hicache_file import FileStorage
 
-T = TypeVar("T")
 CONFIG = HiCacheStorageConfig(model_name="m")
-PAGE_FILE = MHA.bytes_per_page + 64  # payload + trailer
+PAGE = MHA.bytes_per_page
+PAGE_FILE = PAGE + 64  # what a page counts against the capacity: payload and trailer
 
-# A writer that stalls in the middle of a page write (its temp file written, not yet renamed)
-# until its stdin closes: the test kills it there, or lets it finish.
+# A writer that stalls in the middle of a batch (its bytes written, not yet indexed) until its
+# stdin closes: the test kills it there, or lets it finish.
 _WRITER = """
 import asyncio, sys
 import hicache_file._pageio as pageio
@@ -60,10 +59,6 @@ asyncio.run(main())
 """
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
 def _open(path: Path, **options: object) -> FileStorage:
     storage = create_storage("file", CONFIG, path=path, **options)
     assert isinstance(storage, FileStorage)
@@ -77,17 +72,8 @@ def _pool(storage: FileStorage) -> HostKVPool:
     return pool
 
 
-async def _surveyed(path: Path, **options: object) -> dict[str, object]:
-    """Open a store, let its survey run (the first call starts it, in the background); the
-    stats once it is closed."""
-    async with _open(path, **options) as storage:
-        await storage.exists("anything")
-        await storage.wait_survey()
-    return storage.get_stats()
-
-
-def _temps(root: Path) -> list[Path]:
-    return sorted(root.rglob("*.tmp"))
+def _segments(root: Path) -> list[Path]:
+    return sorted((root / "segments").glob("*.seg"))
 
 
 @contextlib.contextmanager
@@ -112,173 +98,115 @@ def _stalled_writer(root: Path, key: str) -> Iterator[subprocess.Popen[str]]:
                 pipe.close()
 
 
-def _kill_writers(root: Path, count: int) -> None:
-    """Leave the temp files of ``count`` writers killed in the middle of a page write (all
-    alive at once until then: each writer's own survey keeps the others' files)."""
-    with contextlib.ExitStack() as stack:
-        procs = [stack.enter_context(_stalled_writer(root, f"k{i}")) for i in range(count)]
-        for proc in procs:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-
-
-# -- defect 8: temp files of killed writers ----------------------------------------------
-
-
-def test_killed_writers_temp_files_are_swept_at_open(tmp_path: Path) -> None:
-    _kill_writers(tmp_path, 3)
-    left = _temps(tmp_path)
-    assert len(left) == 3
-    stats = _run(_surveyed(tmp_path))
-    assert _temps(tmp_path) == []
-    assert stats["swept_temp_files"] == 3
-    assert stats["swept_temp_bytes"] == 3 * PAGE_FILE
-
-
-def test_live_writers_temp_file_is_left_alone(tmp_path: Path) -> None:
-    with _stalled_writer(tmp_path, "live") as proc:
-        # The temp name carries the owner's pid: this one is alive, so its file stays.
-        (temp,) = _temps(tmp_path)
-        assert f".{proc.pid}." in temp.name
-        stats = _run(_surveyed(tmp_path))
-        assert stats["swept_temp_files"] == 0
-        assert _temps(tmp_path) == [temp]
-        assert proc.stdin is not None
-        proc.stdin.close()  # let it finish: its rename finds its temp file
-        assert proc.wait() == 0
-    assert _temps(tmp_path) == []
-    stats = _run(_read_stats(tmp_path, "live"))
-    assert stats["get_hits"] == 1
-
-
-async def _read_stats(path: Path, key: str) -> dict[str, object]:
-    async with _open(path) as storage:
-        assert await storage.batch_get_v1([key], slots(_pool(storage), [3])) == [True]
-    return storage.get_stats()
-
-
-def test_writer_killed_while_another_lives(tmp_path: Path) -> None:
-    with _stalled_writer(tmp_path, "dead") as dead, _stalled_writer(tmp_path, "live") as live:
-        dead.send_signal(signal.SIGKILL)
-        dead.wait()
-        assert len(_temps(tmp_path)) == 2
-        stats = anyio.run(_surveyed, tmp_path, backend="trio")  # the survey on trio too
-        assert stats["swept_temp_files"] == 1
-        (kept,) = _temps(tmp_path)
-        assert f".{live.pid}." in kept.name
-
-
-def test_temp_files_of_unknown_owners_are_swept_by_age(tmp_path: Path) -> None:
-    shard = tmp_path / "ab" / "cd"
-    shard.mkdir(parents=True)
-    digest = "abcd" + "0" * 28
-    names = [
-        f"{digest}.kv.0a1b2c3d.1.deadbeef.77.tmp",  # another host: its pid means nothing here
-        f"{digest}.kv.deadbeef.{os.getpid()}.77.tmp",  # the older name format
-        f"{digest}.kv.garbage.tmp",
-    ]
-    for name in names:
-        (shard / name).write_bytes(b"x" * 100)
-    assert _run(_surveyed(tmp_path))["swept_temp_files"] == 0
-    assert len(_temps(tmp_path)) == 3  # recent: a writer elsewhere may still own them
-    # Not a temp name of ours: a ``path`` shared with other files loses none of them.
-    foreign = [shard / "notes.tmp", tmp_path / f"{digest}.kv.x.tmp", shard / f"{digest}.tmp"]
-    for path in foreign:
-        path.write_bytes(b"z")
-    old = time.time() - 2 * 3600
-    for path in [*(shard / name for name in names), *foreign]:
-        os.utime(path, (old, old))
-    stats = _run(_surveyed(tmp_path))
-    assert stats["swept_temp_files"] == 3
-    assert stats["swept_temp_bytes"] == 300
-    assert _temps(tmp_path) == sorted(foreign)
-
-
-async def test_this_process_keeps_its_own_writers_temp_files(tmp_path: Path) -> None:
-    # A temp name with this process's pid is a live writer's when it also carries this
-    # process's token, a dead process's that had the same pid (a restarted container) if not.
-    from hicache_file._tempfiles import temp_path
-
-    async with _open(tmp_path) as writer:
-        assert await writer.batch_set_v1(["a"], slots(_pool(writer), [0])) == [True]
-        page = writer.path_of("a" + writer.suffix)
-    ours = Path(temp_path(page))
-    parts = ours.name.split(".")
-    assert parts[3] == str(os.getpid())
-    parts[4] = "0" * len(parts[4]) if set(parts[4]) != {"0"} else "1" * len(parts[4])
-    stale = ours.with_name(".".join(parts))
-    ours.write_bytes(b"x")
-    stale.write_bytes(b"yy")
-    stats = await _surveyed(tmp_path)
-    assert stats["swept_temp_files"] == 1
-    assert stats["swept_temp_bytes"] == 2
-    assert _temps(tmp_path) == [ours]
-
-
-def test_capacity_holds_once_leftovers_are_swept(tmp_path: Path) -> None:
-    _kill_writers(tmp_path, 3)
-
-    async def fill() -> dict[str, object]:
-        async with _open(tmp_path, capacity_bytes=4 * PAGE_FILE) as storage:
-            await storage.wait_survey()
-            keys = [f"p{i}" for i in range(6)]
-            assert all(await storage.batch_set_v1(keys, slots(_pool(storage), list(range(6)))))
+async def _stats_after_open(root: Path) -> dict[str, object]:
+    async with _open(root) as storage:
+        await storage.wait_open()
         return storage.get_stats()
 
-    stats = _run(fill())
-    on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
-    assert on_disk == stats["used_bytes"] == 4 * PAGE_FILE
-    assert stats["swept_temp_files"] == 3
+
+# -- what killed writers leave -----------------------------------------------------------
 
 
-# -- defect 8: the capacity index against the disk ---------------------------------------
+async def test_killed_writers_bytes_are_cut_at_open(tmp_path: Path) -> None:
+    with _stalled_writer(tmp_path, "k") as proc:
+        assert [p.stat().st_size for p in _segments(tmp_path)] == [PAGE]  # written, unindexed
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    stats = await _stats_after_open(tmp_path)
+    assert stats["segments_reclaimed"] == 1
+    assert stats["bytes_cut"] == PAGE
+    assert stats["indexed_pages"] == 0
+    assert _segments(tmp_path) == []  # nothing of it was committed: the file is gone
+    async with _open(tmp_path) as storage:
+        assert not await storage.exists("k")
 
 
-async def test_index_forgets_pages_deleted_from_outside(tmp_path: Path) -> None:
-    keys = [f"k{i}" for i in range(8)]
-    async with _open(tmp_path, capacity_bytes=100 * PAGE_FILE) as storage:
+async def test_live_writers_segment_is_left_alone(tmp_path: Path) -> None:
+    with _stalled_writer(tmp_path, "k") as proc:
+        stats = await _stats_after_open(tmp_path)
+        assert stats["segments_reclaimed"] == 0
+        assert [p.stat().st_size for p in _segments(tmp_path)] == [PAGE]
+        assert proc.stdin is not None
+        proc.stdin.close()  # let it finish its batch
+        assert proc.wait() == 0
+    async with _open(tmp_path) as storage:
         pool = _pool(storage)
-        assert all(await storage.batch_set_v1(keys, slots(pool, list(range(8)))))
-        assert storage.get_stats()["used_bytes"] == 8 * PAGE_FILE
-        for key in keys[:5]:
-            os.unlink(storage.path_of(key + storage.suffix))
-        # A read that finds two gone, and an exists that finds the first of the rest gone.
-        found = await storage.batch_get_v1(keys[:2] + keys[7:], slots(pool, [0, 1, 2]))
-        assert found == [False, False, True]
-        assert await storage.batch_exists(keys[2:3]) == 0
-        assert await storage.batch_exists(keys[3:]) == 0
-        assert await storage.batch_exists(keys[4:]) == 0
+        assert await storage.batch_get_v1(["k"], slots(pool, [5])) == [True]
+        assert page_bytes(pool, 5) == page_bytes(pool, 0)
+
+
+async def test_writer_killed_while_another_lives(tmp_path: Path) -> None:
+    with _stalled_writer(tmp_path, "a") as live, _stalled_writer(tmp_path, "b") as dead:
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        stats = await _stats_after_open(tmp_path)
+        assert stats["segments_reclaimed"] == 1
+        assert len(_segments(tmp_path)) == 1  # the live writer's
+        assert live.stdin is not None
+        live.stdin.close()
+        assert live.wait() == 0
+    async with _open(tmp_path) as storage:
+        assert await storage.batch_exists(["a", "b"]) == 1
+
+
+async def test_segment_file_without_an_index_row_is_removed(tmp_path: Path) -> None:
+    async with _open(tmp_path) as storage:
+        await storage.wait_open()
+    stray = tmp_path / "segments" / f"{999:012d}.seg"
+    stray.write_bytes(b"x" * 100)
+    other = tmp_path / "segments" / "notes.txt"  # not a name of ours: kept
+    other.write_text("keep")
+    stats = await _stats_after_open(tmp_path)
+    assert stats["orphan_files_removed"] == 1
+    assert not stray.exists()
+    assert other.exists()
+
+
+# -- segments removed or replaced from outside -------------------------------------------
+
+
+async def _three_segments(root: Path) -> list[str]:
+    # Each instance appends to a segment of its own: a, b and c in three files.
+    places = []
+    for i, key in enumerate("abc"):
+        async with _open(root) as storage:
+            assert await storage.batch_set_v1([key], slots(_pool(storage), [i])) == [True]
+            place = storage.locate(key + storage.suffix)
+            assert place is not None
+            places.append(place[0])
+    assert len(set(places)) == 3
+    return places
+
+
+async def test_segment_removed_from_outside_is_a_plain_miss(tmp_path: Path) -> None:
+    segs = await _three_segments(tmp_path)
+    os.unlink(segs[1])
+    async with _open(tmp_path) as storage:
+        pool = _pool(storage)
+        assert await storage.batch_get_v1(["a", "b", "c"], slots(pool, [5, 6, 7])) == [
+            True,
+            False,
+            True,
+        ]
         stats = storage.get_stats()
-        on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.kv"))
-        assert stats["used_bytes"] == on_disk == 3 * PAGE_FILE
-        assert stats["indexed_pages"] == 3
-        assert stats["error_count"] == 0  # a page gone is a plain miss
-
-
-async def test_reopened_index_counts_the_disk(tmp_path: Path) -> None:
-    keys = [f"k{i}" for i in range(8)]
-    async with _open(tmp_path, capacity_bytes=100 * PAGE_FILE) as storage:
-        assert all(await storage.batch_set_v1(keys, slots(_pool(storage), list(range(8)))))
-        paths = [storage.path_of(k + storage.suffix) for k in keys]
-    for path in paths[:5]:
-        os.unlink(path)
-    async with _open(tmp_path, capacity_bytes=100 * PAGE_FILE) as again:
-        await again.wait_survey()
-        stats = again.get_stats()
-        assert stats["used_bytes"] == 3 * PAGE_FILE
-        assert stats["indexed_pages"] == 3
-
-
-# -- defect 8 / defect 3: something else in a page's place -------------------------------
+        assert stats["error_count"] == 0
+        assert stats["indexed_pages"] == 2  # the index forgot the gone segment's pages
+        assert not await storage.exists("b")
+        assert await storage.batch_set_v1(["b"], slots(pool, [1])) == [True]
+        assert await storage.batch_get_v1(["b"], slots(pool, [6])) == [True]
+        assert page_bytes(pool, 6) == page_bytes(pool, 1)
 
 
 def _replace(path: str, kind: str, outside: Path) -> None:
     os.unlink(path)
     if kind == "directory":
         os.mkdir(path)
-        (Path(path) / "inner").write_bytes(b"x")
+        (Path(path) / "inside").write_bytes(b"x")
     elif kind == "fifo":
         os.mkfifo(path)
+    elif kind == "socket":
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(path)
     elif kind == "symlink-to-fifo":
         os.mkfifo(outside / "fifo")
         os.symlink(outside / "fifo", path)
@@ -299,22 +227,28 @@ def _unblock(path: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
 
-KINDS = ["directory", "fifo", "symlink-to-fifo", "symlink-to-directory", "symlink-to-char-device"]
+KINDS = [
+    "directory",
+    "fifo",
+    "socket",
+    "symlink-to-fifo",
+    "symlink-to-directory",
+    "symlink-to-char-device",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_non_file_in_a_page_place_misses_that_page_only(tmp_path: Path, kind: str) -> None:
+async def test_non_file_in_a_segment_place_misses_its_pages_only(tmp_path: Path, kind: str) -> None:
     store, outside = tmp_path / "store", tmp_path / "outside"
     outside.mkdir()
+    segs = await _three_segments(store)
+    _replace(segs[1], kind, outside)
     async with _open(store) as storage:
         pool = _pool(storage)
-        assert all(await storage.batch_set_v1(["a", "b", "c"], slots(pool, [0, 1, 2])))
-        bad = storage.path_of("b" + storage.suffix)
-        _replace(bad, kind, outside)
         try:
             found = await storage.batch_get_v1(["a", "b", "c"], slots(pool, [5, 6, 7]))
         finally:
-            _unblock(bad)
+            _unblock(segs[1])
         assert found == [True, False, True]
         stats = storage.get_stats()
         assert stats["errors"] == {"corrupt": 1}
@@ -322,9 +256,9 @@ async def test_non_file_in_a_page_place_misses_that_page_only(tmp_path: Path, ki
         assert page_bytes(pool, 5) == page_bytes(pool, 0)
         assert page_bytes(pool, 7) == page_bytes(pool, 2)
         # Repaired: the entry is gone (a link, not what it points to), the page writes again.
-        assert not os.path.lexists(bad)
+        assert not os.path.lexists(segs[1])
+        assert not await storage.exists("b")
         assert await storage.batch_set_v1(["b"], slots(pool, [1])) == [True]
-        assert storage.get_stats()["set_skipped"] == 0
         assert await storage.batch_get_v1(["b"], slots(pool, [6])) == [True]
         assert page_bytes(pool, 6) == page_bytes(pool, 1)
     assert (
@@ -332,6 +266,7 @@ async def test_non_file_in_a_page_place_misses_that_page_only(tmp_path: Path, ki
         == {
             "directory": [],
             "fifo": [],
+            "socket": [],
             "symlink-to-fifo": ["fifo"],
             "symlink-to-directory": ["dir", "keep"],
             "symlink-to-char-device": [],
@@ -339,54 +274,10 @@ async def test_non_file_in_a_page_place_misses_that_page_only(tmp_path: Path, ki
     )
 
 
-@pytest.mark.parametrize("kind", KINDS)
-async def test_write_over_a_non_file_stores_the_page(tmp_path: Path, kind: str) -> None:
-    store, outside = tmp_path / "store", tmp_path / "outside"
-    outside.mkdir()
-    async with _open(store) as storage:
-        pool = _pool(storage)
-        assert await storage.batch_set_v1(["b"], slots(pool, [1])) == [True]
-        bad = storage.path_of("b" + storage.suffix)
-        _replace(bad, kind, outside)
-        assert await storage.batch_exists(["b"]) == 0  # not a page
-        try:
-            assert await storage.batch_set_v1(["b"], slots(pool, [1])) == [True]
-            assert await storage.batch_exists(["b"]) == 1
-            assert await storage.batch_get_v1(["b"], slots(pool, [6])) == [True]
-        finally:
-            _unblock(bad)
-        assert page_bytes(pool, 6) == page_bytes(pool, 1)
-        stats = storage.get_stats()
-        assert stats["set_skipped"] == 0
-        assert stats["repaired_entries"] == 1
-        assert stats["error_count"] == 0
-
-
-async def test_file_in_a_shard_directory_place(tmp_path: Path) -> None:
-    async with _open(tmp_path) as storage:
-        pool = _pool(storage)
-        assert all(await storage.batch_set_v1(["a", "b"], slots(pool, [0, 1])))
-        bad = Path(storage.path_of("b" + storage.suffix))
-        if bad.parent == Path(storage.path_of("a" + storage.suffix)).parent:
-            pytest.skip("both keys share a shard directory")
-        for child in bad.parent.iterdir():
-            child.unlink()
-        bad.parent.rmdir()
-        bad.parent.write_bytes(b"not a directory")
-        found = await storage.batch_get_v1(["a", "b"], slots(pool, [5, 6]))
-        assert found == [True, False]
-        assert await storage.batch_set_v1(["b"], slots(pool, [1])) == [True]
-        assert await storage.batch_get_v1(["b"], slots(pool, [6])) == [True]
-        assert page_bytes(pool, 6) == page_bytes(pool, 1)
-        assert storage.get_stats()["repaired_entries"] == 1
-
-
 def _cache_config(path: Path) -> HiCacheConfig:
-    # model_name becomes a required field for a shared L3 (issue 17, defect 7).
-    named = {"model_name": "test"} if "model_name" in HiCacheConfig.model_fields else {}
     return HiCacheConfig(
         layout=KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype="float16", page_size=4),
-        **named,
+        model_name="test",
         device="cpu",
         device_pages=16,
         host_pages=32,
@@ -397,39 +288,91 @@ def _cache_config(path: Path) -> HiCacheConfig:
     )
 
 
-async def test_fifos_in_page_places_through_the_cache(tmp_path: Path) -> None:
+async def test_fifos_in_segment_places_through_the_cache(tmp_path: Path) -> None:
     await _fifos_through_the_cache(tmp_path)
 
 
-def test_fifos_in_page_places_through_the_cache_on_trio(tmp_path: Path) -> None:
+def test_fifos_in_segment_places_through_the_cache_on_trio(tmp_path: Path) -> None:
     anyio.run(_fifos_through_the_cache, tmp_path, backend="trio")
 
 
 async def _fifos_through_the_cache(tmp_path: Path) -> None:
-    # Defect 3: a FIFO where a page file was hung the request and the cache's close.
+    # A FIFO where a segment file was must not hang the request or the cache's close.
     from tests.test_cache_e2e import serve
 
     prompt = torch.arange(7, 7 + 48)
     async with HiCache.open(_cache_config(tmp_path)) as cache:
         assert await serve(cache, prompt) == 0
-    pages = sorted(tmp_path.rglob("*.kv"))
-    assert pages
-    for page in pages:
-        page.unlink()
-        os.mkfifo(page)
+    segs = _segments(tmp_path)
+    assert segs
+    for seg in segs:
+        seg.unlink()
+        os.mkfifo(seg)
     try:
         async with HiCache.open(_cache_config(tmp_path)) as cache:
             assert await serve(cache, prompt) == 0  # every page a miss; the request ends
     finally:
-        for page in pages:
-            _unblock(str(page))
-    # The second cache wrote the pages again over the FIFOs; a third one hits them all.
-    assert all(page.is_file() for page in pages)
+        for seg in segs:
+            _unblock(str(seg))
+    # The second cache wrote the pages again; a third one hits them all.
     async with HiCache.open(_cache_config(tmp_path)) as cache:
         assert await serve(cache, prompt) == 48
 
 
-# -- defect 9: paths and sizes that cannot work ------------------------------------------
+# -- the old layout: one file a page ------------------------------------------------------
+
+
+def _write_legacy_page(root: Path, storage: FileStorage, key: str, page: int) -> Path:
+    # What the one-file-a-page backend wrote: the payload, then the 64-byte trailer.
+    pool = _pool(storage)
+    name = key + storage.suffix
+    digest = key_digest(name)
+    d = digest.hex()
+    path = root / d[:2] / d[2:4] / f"{d}.kv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    segments = pool.page_segments(page)
+    path.write_bytes(b"".join(bytes(s) for s in segments) + storage.codec.trailer(digest, segments))
+    return path
+
+
+async def test_pages_of_the_old_layout_stay_readable(tmp_path: Path) -> None:
+    async with _open(tmp_path) as storage:
+        old = [_write_legacy_page(tmp_path, storage, k, i) for i, k in enumerate(["a", "b"])]
+    async with _open(tmp_path) as storage:
+        pool = _pool(storage)
+        assert storage.get_stats()["legacy_layout"] is False  # not opened yet
+        assert await storage.batch_exists(["a", "b", "c"]) == 2
+        assert storage.get_stats()["legacy_layout"] is True
+        assert await storage.batch_get_v1(["b", "a", "c"], slots(pool, [5, 6, 7])) == [
+            True,
+            True,
+            False,
+        ]
+        assert page_bytes(pool, 5) == page_bytes(pool, 1)
+        assert page_bytes(pool, 6) == page_bytes(pool, 0)
+        # Pages are written to segments only, an old page too (its file is left as it is).
+        assert await storage.batch_set_v1(["a", "c"], slots(pool, [0, 2])) == [True, True]
+        assert storage.locate("a" + storage.suffix) is not None
+        assert old[0].exists()
+        await storage.clear()
+        assert not any(p.exists() for p in old)
+        assert await storage.batch_exists(["a"]) == 0
+        assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["segments"]
+
+
+async def test_corrupt_page_of_the_old_layout_is_a_counted_miss(tmp_path: Path) -> None:
+    async with _open(tmp_path) as storage:
+        path = _write_legacy_page(tmp_path, storage, "a", 0)
+    with open(path, "r+b") as f:
+        f.seek(10)
+        f.write(b"\xff\xfe")
+    async with _open(tmp_path) as storage:
+        assert await storage.batch_get_v1(["a"], slots(_pool(storage), [5])) == [False]
+        assert storage.get_stats()["errors"] == {"corrupt": 1}
+        assert not path.exists()
+
+
+# -- paths and sizes that cannot work ------------------------------------------------------
 
 
 def _config_error(path: object, **options: object) -> str:
