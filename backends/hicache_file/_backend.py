@@ -217,6 +217,7 @@ class FileStorage(HiCacheStorage):
             "orphan_files_removed": rec.orphan_files,
             "holes_punched_at_open": rec.holes_punched,
             "legacy_layout": self._store.legacy,
+            "index_reset": rec.index_reset,
             "repaired_entries": self._repaired,
         }
         if opts.capacity_bytes is not None:

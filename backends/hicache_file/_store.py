@@ -29,7 +29,8 @@ from typing import Literal
 import hicache_file._pageio as pageio
 from hicache_async.errors import CorruptPageError
 from hicache_async.storage import PageBuffer, PageCodec
-from hicache_async.storage.codec import checksum, key_digest
+from hicache_async.storage.codec import key_digest
+from hicache_file._checksum import checksum
 from hicache_file._index import ALIGN, Change, Index, Location, Row, SegmentState, place
 from hicache_file._places import Places
 from hicache_file._segments import (
@@ -75,6 +76,7 @@ class Recovered:
     orphan_files: int = 0  # segment files no index row knew of, removed
     holes_punched: int = 0  # space of removed pages a killed process had not freed yet
     legacy: bool = False  # the store still holds pages of the one-file-a-page layout
+    index_reset: bool = False  # the index was no database: set aside, started empty
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +130,25 @@ class Store:
     def open(self) -> Recovered:
         """Open the index (creating the store) and recover what killed writers left."""
         os.makedirs(f"{self.root}/{SEGMENTS}", exist_ok=True)
-        self.index = Index(f"{self.root}/{INDEX_NAME}", durable=self.fsync != "none")
+        path = f"{self.root}/{INDEX_NAME}"
+        reset = False
+        try:
+            self.index = Index(path, durable=self.fsync != "none")
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):  # locked, unreadable: not corrupt
+                raise
+            # Not a database (any more): its pages cannot be found. Set it aside, and start
+            # an empty index; the recovery below removes the segments no row knows.
+            os.replace(path, f"{path}.corrupt")
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path + suffix)
+            self.index = Index(path, durable=self.fsync != "none")
+            reset = True
         if self.fsync == "dir":
             sync_directory(self.root)
         recovered = self.recover(orphans=True)
+        recovered.index_reset = reset
         recovered.legacy = self.legacy = _has_legacy_shards(self.root)
         return recovered
 
@@ -210,22 +227,24 @@ class Store:
         n = len(keys)
         digests = [key_digest(k) for k in keys]
         result = WriteResult([False] * n)
+        # Outside the lock: two batches in flight hash one while the other is written.
+        ix = self._ix()
+        present = ix.present(digests)
+        todo: list[int] = []
+        seen: set[bytes] = set()
+        for i, digest in enumerate(digests):
+            if digest in present or digest in seen:
+                result.stored[i] = True
+                result.skipped += 1
+            else:
+                seen.add(digest)
+                todo.append(i)
+        if not todo:
+            return result
+        sizes = [sum(map(len, buffers[i])) for i in todo]
+        trailers = [codec.trailer(digests[i], buffers[i]) for i in todo]
         with self._write_lock:
             ix = self._ix()
-            present = ix.present(digests)
-            todo: list[int] = []
-            seen: set[bytes] = set()
-            for i, digest in enumerate(digests):
-                if digest in present or digest in seen:
-                    result.stored[i] = True
-                    result.skipped += 1
-                else:
-                    seen.add(digest)
-                    todo.append(i)
-            if not todo:
-                return result
-            sizes = [sum(map(len, buffers[i])) for i in todo]
-            trailers = [codec.trailer(digests[i], buffers[i]) for i in todo]
             # Reserve: runs of pages per segment, rolling to a new one when full.
             placed: list[tuple[ActiveSegment, int]] = []
             full: list[ActiveSegment] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import random
 import sqlite3
 import subprocess
 import time
@@ -307,3 +308,16 @@ async def test_cancelled_write_waits_for_its_batch(
         for i, ok in enumerate(found):
             if ok:
                 assert page_bytes(dst, i) == page_bytes(pool, i)
+
+
+@pytest.mark.parametrize("sizes", [[100], [40 << 10], [1 << 20], [8 << 10] * 12, [3, 70 << 10, 5]])
+def test_checksum_without_the_gil_is_the_codecs(sizes: list[int]) -> None:
+    from hicache_async.storage.codec import checksum as codec_checksum
+    from hicache_file._checksum import FAST, checksum
+
+    assert FAST  # the xxhash extension's symbols are found here
+    rng = random.Random(sum(sizes))
+    segments = [memoryview(bytearray(rng.randbytes(n))) for n in sizes]
+    assert checksum(segments) == codec_checksum(segments)
+    read_only = [memoryview(bytes(s)) for s in segments]  # no address to hand over: the module
+    assert checksum(read_only) == codec_checksum(segments)

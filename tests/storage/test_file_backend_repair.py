@@ -427,3 +427,19 @@ def test_capacity_below_one_page(tmp_path: Path) -> None:
     storage = create_storage("file", CONFIG, path=tmp_path, capacity_bytes=PAGE_FILE - 1)
     with pytest.raises(ConfigError, match=rf"capacity_bytes.*{PAGE_FILE}"):
         storage.register_mem_pool_host(filled_pool(MHA))
+
+
+async def test_an_index_that_is_no_database_is_set_aside(tmp_path: Path) -> None:
+    await _three_segments(tmp_path)
+    (tmp_path / "index.sqlite3").write_bytes(b"this is not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"index.sqlite3{suffix}").unlink(missing_ok=True)
+    async with _open(tmp_path) as storage:
+        pool = _pool(storage)
+        assert await storage.batch_get_v1(["a", "b"], slots(pool, [5, 6])) == [False, False]
+        stats = storage.get_stats()
+        assert stats["index_reset"] is True
+        assert stats["orphan_files_removed"] == 3  # its segments were no one's any more
+        assert await storage.batch_set_v1(["a"], slots(pool, [0])) == [True]
+        assert await storage.batch_get_v1(["a"], slots(pool, [5])) == [True]
+    assert (tmp_path / "index.sqlite3.corrupt").exists()
