@@ -521,14 +521,17 @@ class Session:
             )
 
     def _commit(self, new_slots: torch.Tensor) -> int:
-        self._begin()
+        if self._table is None:
+            self._begin()
         start, n = self._done, new_slots.numel()
         if new_slots is not self._handed or self._handed_start != start:
             self._check_next(new_slots, start)
-        self._done = start + n
-        duplicates = self._insert_whole_pages()
+        self._done = done = start + n
         self.state = _COMMITTED
-        return duplicates
+        # A decode step that does not fill its page inserts nothing: no call for it.
+        if done - self._cached < self._cache.page_size:
+            return 0
+        return self._insert_whole_pages()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -589,7 +592,7 @@ class Session:
             if n_tokens < slots.numel():
                 slots = slots[:n_tokens]
         else:
-            if pages.numel():
+            if pages is not _NO_PAGES and pages.numel():
                 self._own = pages if own is None else torch.cat([own, pages])
                 self._own_slots_all = None
             slots = self._own_slots(start, n_tokens)
