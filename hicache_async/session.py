@@ -397,7 +397,9 @@ class Session:
     def extend(self, token_ids: TokenIds) -> None:
         """Append tokens (the generated ones, during decode) to the request's key; they are
         then allocated and committed like the prompt's."""
-        self._expect_active()
+        state = self.state
+        if (state is not _MATCHED and state is not _COMMITTED) or self._cache.state is not _OPEN:
+            self._expect_active()
         data = checked_token_bytes(token_ids)
         if data:
             key = RadixKey.__new__(RadixKey)  # checked already: no second conversion
@@ -430,9 +432,11 @@ class Session:
         seconds, or at once when no room can ever come (every open request waits for room
         and no background work will free any), a :class:`CapacityError` saying how much was
         asked, free, evictable and locked."""
-        _check_timeout(timeout)
+        if timeout is not None:
+            _check_timeout(timeout)
         need = self._pages_for(n_tokens)
-        self._check_fits(need)
+        if need:
+            self._check_fits(need)
         cache = self._cache
         room = cache.room
         # Nobody ahead, or no new page (the last page has room: never queue for nothing).
@@ -485,7 +489,8 @@ class Session:
         """:meth:`allocate_nowait`, or None when L1 has no room now (a scheduler leaves the
         request waiting for its next step)."""
         need = self._pages_for(n_tokens)
-        self._check_fits(need)
+        if need:
+            self._check_fits(need)
         pages = self._reserve(need)
         if pages is None:
             self._cache.queue_victim_backups(need)  # write_back: room for a later step
@@ -553,7 +558,8 @@ class Session:
 
     def _pages_for(self, n_tokens: int) -> int:
         """Check an allocation of ``n_tokens`` and count the new pages it takes."""
-        if self.state is not _MATCHED:
+        state = self.state
+        if state is not _MATCHED and state is not _COMMITTED:
             self._expect_active()
         if self._cache.state is not _OPEN:
             self._cache._check_open()

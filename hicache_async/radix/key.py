@@ -177,6 +177,10 @@ def checked_token_bytes(token_ids: TokenIds) -> bytes:
     """:func:`tokens_to_bytes` then :func:`check_token_ids`. A short list of ints (one
     decode step's tokens) is checked in Python: numpy's fixed cost per call was half of
     ``extend()``."""
+    if type(token_ids) is list and len(token_ids) == 1:  # one decode step's token
+        token = token_ids[0]
+        if type(token) is int and 0 <= token <= TOKEN_ID_MAX:
+            return token.to_bytes(TOKEN_BYTES, "little")
     if (
         _NATIVE_LE
         and type(token_ids) is list
