@@ -4,7 +4,8 @@ Each cache publishes KV events over ZMQ (``KVEventsConfig``). This subscriber ke
 and per storage medium, the set of block hashes it holds, and scores a prompt by how many of
 its leading pages each worker holds on each tier, which is what a router uses to send the
 request where its prefix lives. Sequence gaps (a subscriber that joined late or lost messages
-at the high-water mark) are recovered from the worker's replay socket.
+at the high-water mark) are recovered from the worker's replay socket; a gap the replay buffer
+no longer holds resets what the router knows of that worker.
 
 Run it beside caches started with ``kv_events=KVEventsConfig(endpoint=..., replay_endpoint=...)``:
 
@@ -38,6 +39,7 @@ class Worker:
     next_seq: int = 0
     blocks: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     replays: int = 0
+    lost: int = 0  # gaps replay could not fill (the worker's state was reset)
 
 
 class PrefixIndex:
@@ -104,6 +106,13 @@ async def follow(
             seq = int.from_bytes(seq_bytes, "big")
             if seq > worker.next_seq:  # missed some: fetch them from the replay buffer
                 await _replay(index, worker, replay, upto=seq)
+                if worker.next_seq < seq:
+                    # Lost for good (older than the replay buffer, or dropped by a full
+                    # publisher queue): what the worker holds is unknown, so forget it and
+                    # follow on from here (routing then underestimates, never misroutes).
+                    worker.lost += 1
+                    worker.blocks.clear()
+                    worker.next_seq = seq
             if seq == worker.next_seq:
                 index.apply(worker, payload)
                 worker.next_seq += 1

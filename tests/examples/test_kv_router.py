@@ -58,3 +58,35 @@ async def test_index_follows_two_workers_and_replays_a_gap() -> None:
             assert scores["b"] == {"GPU": 2, "STORAGE": 4}
     finally:
         context.term()
+
+
+async def test_a_gap_the_replay_buffer_no_longer_holds_resets_the_worker() -> None:
+    """A router joining after more batches than the buffer keeps cannot replay them all: it
+    forgets the worker's state and follows on (it used to discard every later batch)."""
+    prompt = list(range(16))
+    hub = EventHub()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    small = LOOPBACK.model_copy(update={"buffer_steps": 2})
+    try:
+        async with ZmqEventPublisher.open(small, hub) as pub:
+            assert pub.replay_endpoint is not None
+            for i in range(6):  # more than the buffer holds, before anyone listens
+                hub.emit([stored([1000 + 4 * i + k for k in range(4)], StorageMedium.GPU)])
+            with anyio.fail_after(30):
+                while pub.published < 6:  # noqa: ASYNC110 - the pump is another task
+                    await anyio.sleep(0.01)
+            worker = router.Worker("w", pub.endpoint, pub.replay_endpoint)
+            index = router.PrefixIndex([worker], page_size=PS)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(router.follow, index, worker, context)
+                await anyio.sleep(0.3)  # the subscription reaches the publisher
+                hub.emit([stored(prompt, StorageMedium.GPU)])
+                hub.emit([stored(prompt, StorageMedium.CPU_PINNED)])
+                with anyio.fail_after(30):
+                    while worker.next_seq < 8:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+            assert worker.lost == 1
+            assert index.score(prompt)["w"] == {"GPU": 4, "CPU": 4}
+    finally:
+        context.term()
