@@ -516,7 +516,9 @@ class Session:
             )
 
     def _check_slots(self, new_slots: object) -> None:
-        self._expect_active()
+        state = self.state
+        if (state is not _MATCHED and state is not _COMMITTED) or self._cache.state is not _OPEN:
+            self._expect_active()
         if new_slots is self._handed:  # what allocate() returned (each decode step's case)
             return
         if not isinstance(new_slots, torch.Tensor) or new_slots.device.type == "meta":
