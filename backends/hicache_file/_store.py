@@ -22,7 +22,8 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -55,6 +56,7 @@ _IOV_MAX = 1024
 _ZEROS = memoryview(bytes(ALIGN))
 _TOUCH_FLUSH = 8192  # pending touches written by a read once this many wait
 _PLACES = 1 << 16  # places remembered (about 200 bytes each)
+_HASH_AHEAD = 4 << 20  # batches of this many bytes are hashed while they are written
 
 
 @dataclass
@@ -123,6 +125,7 @@ class Store:
         self._touch_lock = threading.Lock()
         self._touched: set[bytes] = set()
         self.places = Places(_PLACES)
+        self._hashing: ThreadPoolExecutor | None = None  # one thread, joined by close()
         self.reclaimed = 0  # segments of dead writers cut back since open (recovery included)
 
     # -- open, recover, close -------------------------------------------------------------
@@ -217,6 +220,9 @@ class Store:
             finally:
                 self.index.close()
                 self.index = None
+                if self._hashing is not None:
+                    self._hashing.shutdown(wait=True)
+                    self._hashing = None
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -242,7 +248,38 @@ class Store:
         if not todo:
             return result
         sizes = [sum(map(len, buffers[i])) for i in todo]
-        trailers = [codec.trailer(digests[i], buffers[i]) for i in todo]
+
+        def make_trailers() -> list[bytes]:
+            return [codec.trailer(digests[i], buffers[i]) for i in todo]
+
+        # The trailers (an xxh3 pass over the pages) are needed only for the commit: for a
+        # big batch the store's hashing thread computes them while this one writes.
+        hashing = self._hasher().submit(make_trailers) if sum(sizes) >= _HASH_AHEAD else None
+        try:
+            return self._write_locked(
+                keys, buffers, digests, todo, sizes, hashing, make_trailers, result
+            )
+        finally:
+            if hashing is not None:
+                hashing.result()  # never return while it still reads the host pages
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        with self._touch_lock:
+            if self._hashing is None:
+                self._hashing = ThreadPoolExecutor(1, thread_name_prefix="hicache-file-hash")
+            return self._hashing
+
+    def _write_locked(
+        self,
+        keys: Sequence[str],
+        buffers: Sequence[PageBuffer],
+        digests: list[bytes],
+        todo: list[int],
+        sizes: list[int],
+        hashing: Future[list[bytes]] | None,
+        make_trailers: Callable[[], list[bytes]],
+        result: WriteResult,
+    ) -> WriteResult:
         with self._write_lock:
             ix = self._ix()
             # Reserve: runs of pages per segment, rolling to a new one when full.
@@ -258,6 +295,7 @@ class Store:
                 except OSError as exc:  # nothing of the batch written
                     result.error = exc
                     written = [False] * len(todo)
+                trailers = hashing.result() if hashing is not None else make_trailers()
                 rows = [
                     Row(digests[i], keys[i], seg.seg, off, size, trailer)
                     for i, size, trailer, (seg, off), ok in zip(
