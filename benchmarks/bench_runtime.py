@@ -47,7 +47,7 @@ import torch
 from hicache_async import HiCache, HiCacheConfig, KVLayout
 from hicache_async.memory import pages_to_slots
 from hicache_async.metrics import Tier
-from hicache_async.radix import RadixKey, TreeNode
+from hicache_async.radix import MatchResult, RadixKey, TreeNode
 from hicache_async.radix.key import check_token_ids
 from hicache_async.session import Hit
 
@@ -438,16 +438,22 @@ def _move_lock(
     return last
 
 
+def _locked_match(cache: HiCache, tokens: torch.Tensor) -> tuple[RadixKey, MatchResult]:
+    """The key (ids checked, as bare_hit), its match, the matched device path locked."""
+    key = RadixKey(tokens)
+    check_token_ids(key.data)
+    match = cache.tree.match_prefix(key)
+    cache.tree.lock(match.last_device_node)
+    return key, match
+
+
 def bare_chunked(cache: HiCache, tokens: torch.Tensor, chunk: int) -> None:
     """A chunked prefill by hand: match and lock; per chunk, the pages it needs (the last page
     filled first), the chunk's slots, the whole pages so far into the tree and the lock moved
     down; at the end the private tail freed and the lock released."""
     tree, allocator, ps = cache.tree, cache.l1.allocator, cache.page_size
-    key = RadixKey(tokens)
-    check_token_ids(key.data)  # as bare_hit
-    match = tree.match_prefix(key)
+    key, match = _locked_match(cache, tokens)
     node = match.last_device_node
-    tree.lock(node)
     table, own = match.device_pages, torch.empty(0, dtype=torch.int64)
     cached = done = match.device_hit_length
     try:
@@ -478,11 +484,8 @@ def bare_decode(cache: HiCache, tokens: torch.Tensor, steps: list[int]) -> None:
     key's bytes, a new page only when the last is full, the step's slot, and a full page into
     the tree with the lock moved down; at the end the private tail freed."""
     tree, allocator, ps = cache.tree, cache.l1.allocator, cache.page_size
-    key = RadixKey(tokens)
-    check_token_ids(key.data)  # as bare_hit
-    match = tree.match_prefix(key)
+    key, match = _locked_match(cache, tokens)
     node = match.last_device_node
-    tree.lock(node)
     table, tail = match.device_pages, None
     data, n = bytearray(key.data), len(key)
     try:
