@@ -257,19 +257,32 @@ class Index:
                 db.execute(
                     f"UPDATE pages SET seq=? WHERE digest IN ({_marks(len(part))})", (seq, *part)
                 )
-            added = 0
-            for row in rows:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO pages VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (row.digest, row.seg, row.off, row.len, row.trailer, seq, row.key),
-                )
-                if cur.rowcount:
-                    size = footprint(row.len)
-                    added += size
-                    db.execute("UPDATE segments SET live=live+? WHERE id=?", (size, row.seg))
-                else:
-                    change.lost.add(row.digest)
-                    change.holes.append((row.seg, *hole(row.off, row.len)))
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO pages VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(r.digest, r.seg, r.off, r.len, r.trailer, seq, r.key) for r in rows],
+            )
+            stored = rows
+            if db.total_changes - before < len(rows):  # another writer indexed some first
+                mine = {(r.digest, r.seg, r.off) for r in rows}
+                kept: set[bytes] = set()
+                for part in _chunks([r.digest for r in rows]):
+                    found = db.execute(
+                        f"SELECT digest, seg, off FROM pages WHERE digest IN ({_marks(len(part))})",
+                        part,
+                    )
+                    kept.update(d for d, seg, off in found if (d, seg, off) in mine)
+                stored = [r for r in rows if r.digest in kept]
+                for r in rows:
+                    if r.digest not in kept:
+                        change.lost.add(r.digest)
+                        change.holes.append((r.seg, *hole(r.off, r.len)))
+            live: dict[int, int] = {}
+            for r in stored:
+                live[r.seg] = live.get(r.seg, 0) + footprint(r.len)
+            for seg, size in live.items():
+                db.execute("UPDATE segments SET live=live+? WHERE id=?", (size, seg))
+            added = sum(live.values())
             for seg, end in ends.items():
                 db.execute("UPDATE segments SET end_off=max(end_off, ?) WHERE id=?", (end, seg))
             db.execute("UPDATE meta SET value=value+? WHERE name='used'", (added,))
