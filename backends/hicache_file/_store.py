@@ -57,6 +57,7 @@ _ZEROS = memoryview(bytes(ALIGN))
 _TOUCH_FLUSH = 8192  # pending touches written by a read once this many wait
 _PLACES = 1 << 16  # places remembered (about 200 bytes each)
 _HASH_AHEAD = 4 << 20  # batches of this many bytes are hashed while they are written
+_SPLIT_WRITE = 8 << 20  # runs of this many bytes are written by two threads, half each
 
 
 @dataclass
@@ -125,7 +126,7 @@ class Store:
         self._touch_lock = threading.Lock()
         self._touched: set[bytes] = set()
         self.places = Places(_PLACES)
-        self._hashing: ThreadPoolExecutor | None = None  # one thread, joined by close()
+        self._hashing: ThreadPoolExecutor | None = None  # two threads, joined by close()
         self.reclaimed = 0  # segments of dead writers cut back since open (recovery included)
 
     # -- open, recover, close -------------------------------------------------------------
@@ -254,7 +255,7 @@ class Store:
 
         # The trailers (an xxh3 pass over the pages) are needed only for the commit: for a
         # big batch the store's hashing thread computes them while this one writes.
-        hashing = self._hasher().submit(make_trailers) if sum(sizes) >= _HASH_AHEAD else None
+        hashing = self._helper().submit(make_trailers) if sum(sizes) >= _HASH_AHEAD else None
         try:
             return self._write_locked(
                 keys, buffers, digests, todo, sizes, hashing, make_trailers, result
@@ -263,10 +264,11 @@ class Store:
             if hashing is not None:
                 hashing.result()  # never return while it still reads the host pages
 
-    def _hasher(self) -> ThreadPoolExecutor:
+    def _helper(self) -> ThreadPoolExecutor:
+        # Two threads: one hashes a batch while another writes half of it.
         with self._touch_lock:
             if self._hashing is None:
-                self._hashing = ThreadPoolExecutor(1, thread_name_prefix="hicache-file-hash")
+                self._hashing = ThreadPoolExecutor(2, thread_name_prefix="hicache-file")
             return self._hashing
 
     def _write_locked(
@@ -370,28 +372,64 @@ class Store:
         placed: list[tuple[ActiveSegment, int]],
         result: WriteResult,
     ) -> list[bool]:
-        # One pwritev per run of pages in one segment; on a failure (ENOSPC), the pages
-        # written in full before it are still stored.
+        # One pwritev per run of pages in one segment (a big run in two halves, the second
+        # written by the store's helper thread at once: page-cache copies on two cores); on a
+        # failure (ENOSPC), the pages written in full before it are still stored.
         written = [False] * len(todo)
         start = 0
         while start < len(todo):
-            seg, first = placed[start]
-            stop, pos = start, first
-            iov: list[memoryview] = []
+            seg = placed[start][0]
+            stop = start
             while stop < len(todo) and placed[stop][0] is seg:
-                off = placed[stop][1]
-                if off > pos:  # up to the payload's boundary
-                    iov.append(_ZEROS[: off - pos])
-                iov.extend(buffers[todo[stop]])
-                pos = off + sizes[stop]
                 stop += 1
-            done = _pwrite_all(seg.fd, iov, first)
-            for j in range(start, stop):
-                written[j] = done >= placed[j][1] + sizes[j] - first
-            if done < pos - first and result.error is None:
+            end = placed[stop - 1][1] + sizes[stop - 1]
+            mid = stop
+            if end - placed[start][1] >= _SPLIT_WRITE and stop - start > 1:
+                half = (placed[start][1] + end) // 2
+                mid = next(
+                    j for j in range(start + 1, stop) if placed[j][1] >= half or j == stop - 1
+                )
+            other = (
+                self._helper().submit(
+                    self._write_chunk, seg, mid, stop, todo, buffers, sizes, placed
+                )
+                if mid < stop
+                else None
+            )
+            try:
+                ok = self._write_chunk(seg, start, mid, todo, buffers, sizes, placed)
+            finally:
+                ok_other = other.result() if other is not None else []  # never left running
+            # Only a prefix counts: the bytes after a failed page are cut off with the tail.
+            prefix = True
+            for j, good in zip(range(start, stop), ok + ok_other, strict=True):
+                prefix = prefix and good
+                written[j] = prefix
+            if not all(written[start:stop]) and result.error is None:
                 result.error = OSError(errno.ENOSPC, "No space left on device (short write)")
             start = stop
         return written
+
+    @staticmethod
+    def _write_chunk(
+        seg: ActiveSegment,
+        start: int,
+        stop: int,
+        todo: list[int],
+        buffers: Sequence[PageBuffer],
+        sizes: list[int],
+        placed: list[tuple[ActiveSegment, int]],
+    ) -> list[bool]:
+        first = pos = placed[start][1]
+        iov: list[memoryview] = []
+        for j in range(start, stop):
+            off = placed[j][1]
+            if off > pos:  # up to the payload's boundary
+                iov.append(_ZEROS[: off - pos])
+            iov.extend(buffers[todo[j]])
+            pos = off + sizes[j]
+        done = _pwrite_all(seg.fd, iov, first)
+        return [done >= placed[j][1] + sizes[j] - first for j in range(start, stop)]
 
     def _seal(self, seg: ActiveSegment) -> None:
         ix = self._ix()
