@@ -24,10 +24,11 @@ import anyio
 from hicache_async.errors import ConfigError
 from hicache_async.memory.host_pool import HostKVPool
 from hicache_async.storage import HiCacheStorage, HiCacheStorageConfig, PageBuffer, error_kind
+from hicache_async.storage.codec import key_digest
 from hicache_async.storage.threads import run_in_threads
 from hicache_file._index import footprint
 from hicache_file._options import FileOptions, make_root
-from hicache_file._store import ReadPlan, Recovered, Store
+from hicache_file._store import ReadPlan, Recovered, Side, Store, WriteResult
 
 __all__ = ["FileStorage", "OpenState"]
 
@@ -36,6 +37,12 @@ T = TypeVar("T")
 # One worker thread per this many bytes of a read batch (up to io_threads): a smaller share
 # costs more in dispatch than it gains in parallel copies.
 _WORKER_BYTES = 4 << 20
+# Batches of this many bytes get a second worker that hashes them while the first writes.
+_HASH_AHEAD = 4 << 20
+
+
+def _big(buffers: list[PageBuffer]) -> bool:
+    return sum(sum(map(len, b)) for b in buffers) >= _HASH_AHEAD
 
 
 class OpenState(enum.Enum):
@@ -175,7 +182,23 @@ class FileStorage(HiCacheStorage):
     async def _write_pages(self, keys: list[str], buffers: list[PageBuffer]) -> list[bool]:
         await self._ready()
         store, codec = self._store, self.codec
-        result = await self._in_thread(lambda: store.write(keys, buffers, codec))
+        # A big batch: a second worker computes the trailers (an xxh3 pass) while the first
+        # writes; they are needed only for its commit. Whichever worker comes to them first
+        # does them, so one that never starts (cancelled, one thread) costs nothing.
+        trailers = Side(
+            lambda: [codec.trailer(key_digest(k), b) for k, b in zip(keys, buffers, strict=True)]
+        )
+        results: list[WriteResult] = []
+        helpers = 2 if self.file_options.io_threads > 1 and _big(buffers) else 1
+
+        def work(i: int) -> None:
+            if i == 0:
+                results.append(store.write(keys, buffers, codec, trailers))
+            else:
+                trailers.run()
+
+        await run_in_threads(work, helpers, limiter=self._threads(), workers=helpers)
+        result = results[0]
         self.stats.set_skipped += result.skipped
         if result.error is not None:
             failed = result.stored.count(False)

@@ -23,9 +23,8 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import hicache_file._pageio as pageio
 from hicache_async.errors import CorruptPageError
@@ -46,8 +45,9 @@ from hicache_file._segments import (
     try_reclaim,
 )
 
-__all__ = ["INDEX_NAME", "Recovered", "Run", "Store", "WriteResult"]
+__all__ = ["INDEX_NAME", "Recovered", "Run", "Side", "Store", "WriteResult"]
 
+T = TypeVar("T")
 INDEX_NAME = "index.sqlite3"
 _SEG_NAME = re.compile(r"([0-9]{12})\.seg")
 _LEGACY_SHARD = re.compile(r"[0-9a-f]{2}")
@@ -56,8 +56,50 @@ _IOV_MAX = 1024
 _ZEROS = memoryview(bytes(ALIGN))
 _TOUCH_FLUSH = 8192  # pending touches written by a read once this many wait
 _PLACES = 1 << 16  # places remembered (about 200 bytes each)
-_HASH_AHEAD = 4 << 20  # batches of this many bytes are hashed while they are written
-_SPLIT_WRITE = 8 << 20  # runs of this many bytes are written by two threads, half each
+
+
+class Side(Generic[T]):
+    """Work that whichever thread comes to it first does, while the other goes on with its
+    own; :meth:`result` waits only for a thread that is running it. So a helper worker that
+    never starts (cancelled, or one thread only) costs nothing but doing it in the caller."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._claimed = False
+        self._done = threading.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        """Do it, unless another thread has started it."""
+        with self._lock:
+            if self._claimed:
+                return
+            self._claimed = True
+        try:
+            self._value = self._fn()
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def settle(self) -> None:
+        """Make sure no thread runs it past this call: wait for one that does, or see that
+        none ever starts it."""
+        with self._lock:
+            claimed, self._claimed = self._claimed, True
+        if claimed:
+            self._done.wait()
+
+    def result(self) -> T:
+        """Its value (done now, unless another thread does it)."""
+        self.run()
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 @dataclass
@@ -126,7 +168,6 @@ class Store:
         self._touch_lock = threading.Lock()
         self._touched: set[bytes] = set()
         self.places = Places(_PLACES)
-        self._hashing: ThreadPoolExecutor | None = None  # two threads, joined by close()
         self.reclaimed = 0  # segments of dead writers cut back since open (recovery included)
 
     # -- open, recover, close -------------------------------------------------------------
@@ -221,19 +262,39 @@ class Store:
             finally:
                 self.index.close()
                 self.index = None
-                if self._hashing is not None:
-                    self._hashing.shutdown(wait=True)
-                    self._hashing = None
 
     # -- writes ---------------------------------------------------------------------------
 
     def write(
-        self, keys: Sequence[str], buffers: Sequence[PageBuffer], codec: PageCodec
+        self,
+        keys: Sequence[str],
+        buffers: Sequence[PageBuffer],
+        codec: PageCodec,
+        trailers: Side[list[bytes]] | None = None,
     ) -> WriteResult:
-        """Store the pages not indexed yet; see the module docstring."""
+        """Store the pages not indexed yet; see the module docstring. ``trailers`` (every
+        page's, in order), when given, may be computed by another thread meanwhile: they are
+        needed only for the commit."""
         n = len(keys)
         digests = [key_digest(k) for k in keys]
         result = WriteResult([False] * n)
+        if trailers is None:
+            trailers = Side(
+                lambda: [codec.trailer(d, b) for d, b in zip(digests, buffers, strict=True)]
+            )
+        try:
+            return self._write(keys, buffers, digests, trailers, result)
+        finally:
+            trailers.settle()  # never return while another thread still reads the host pages
+
+    def _write(
+        self,
+        keys: Sequence[str],
+        buffers: Sequence[PageBuffer],
+        digests: list[bytes],
+        trailers: Side[list[bytes]],
+        result: WriteResult,
+    ) -> WriteResult:
         # Outside the lock: two batches in flight hash one while the other is written.
         ix = self._ix()
         present = ix.present(digests)
@@ -249,27 +310,7 @@ class Store:
         if not todo:
             return result
         sizes = [sum(map(len, buffers[i])) for i in todo]
-
-        def make_trailers() -> list[bytes]:
-            return [codec.trailer(digests[i], buffers[i]) for i in todo]
-
-        # The trailers (an xxh3 pass over the pages) are needed only for the commit: for a
-        # big batch the store's hashing thread computes them while this one writes.
-        hashing = self._helper().submit(make_trailers) if sum(sizes) >= _HASH_AHEAD else None
-        try:
-            return self._write_locked(
-                keys, buffers, digests, todo, sizes, hashing, make_trailers, result
-            )
-        finally:
-            if hashing is not None:
-                hashing.result()  # never return while it still reads the host pages
-
-    def _helper(self) -> ThreadPoolExecutor:
-        # Two threads: one hashes a batch while another writes half of it.
-        with self._touch_lock:
-            if self._hashing is None:
-                self._hashing = ThreadPoolExecutor(2, thread_name_prefix="hicache-file")
-            return self._hashing
+        return self._write_locked(keys, buffers, digests, todo, sizes, trailers, result)
 
     def _write_locked(
         self,
@@ -278,8 +319,7 @@ class Store:
         digests: list[bytes],
         todo: list[int],
         sizes: list[int],
-        hashing: Future[list[bytes]] | None,
-        make_trailers: Callable[[], list[bytes]],
+        trailers: Side[list[bytes]],
         result: WriteResult,
     ) -> WriteResult:
         with self._write_lock:
@@ -297,12 +337,10 @@ class Store:
                 except OSError as exc:  # nothing of the batch written
                     result.error = exc
                     written = [False] * len(todo)
-                trailers = hashing.result() if hashing is not None else make_trailers()
+                every = trailers.result()
                 rows = [
-                    Row(digests[i], keys[i], seg.seg, off, size, trailer)
-                    for i, size, trailer, (seg, off), ok in zip(
-                        todo, sizes, trailers, placed, written, strict=True
-                    )
+                    Row(digests[i], keys[i], seg.seg, off, size, every[i])
+                    for i, size, (seg, off), ok in zip(todo, sizes, placed, written, strict=True)
                     if ok
                 ]
                 ends: dict[int, int] = {}
@@ -372,9 +410,8 @@ class Store:
         placed: list[tuple[ActiveSegment, int]],
         result: WriteResult,
     ) -> list[bool]:
-        # One pwritev per run of pages in one segment (a big run in two halves, the second
-        # written by the store's helper thread at once: page-cache copies on two cores); on a
-        # failure (ENOSPC), the pages written in full before it are still stored.
+        # One pwritev per run of pages in one segment; on a failure (ENOSPC), the pages
+        # written in full before it are still stored (a prefix: what follows is cut off).
         written = [False] * len(todo)
         start = 0
         while start < len(todo):
@@ -382,30 +419,9 @@ class Store:
             stop = start
             while stop < len(todo) and placed[stop][0] is seg:
                 stop += 1
-            end = placed[stop - 1][1] + sizes[stop - 1]
-            mid = stop
-            if end - placed[start][1] >= _SPLIT_WRITE and stop - start > 1:
-                half = (placed[start][1] + end) // 2
-                mid = next(
-                    j for j in range(start + 1, stop) if placed[j][1] >= half or j == stop - 1
-                )
-            other = (
-                self._helper().submit(
-                    self._write_chunk, seg, mid, stop, todo, buffers, sizes, placed
-                )
-                if mid < stop
-                else None
-            )
-            try:
-                ok = self._write_chunk(seg, start, mid, todo, buffers, sizes, placed)
-            finally:
-                ok_other = other.result() if other is not None else []  # never left running
-            # Only a prefix counts: the bytes after a failed page are cut off with the tail.
-            prefix = True
-            for j, good in zip(range(start, stop), ok + ok_other, strict=True):
-                prefix = prefix and good
-                written[j] = prefix
-            if not all(written[start:stop]) and result.error is None:
+            ok = self._write_chunk(seg, start, stop, todo, buffers, sizes, placed)
+            written[start:stop] = ok
+            if not all(ok) and result.error is None:
                 result.error = OSError(errno.ENOSPC, "No space left on device (short write)")
             start = stop
         return written
