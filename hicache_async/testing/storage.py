@@ -326,7 +326,7 @@ class StorageConformance:
             assert all(await storage.batch_set_v1(keys, slots(src, list(range(n)))))
             storage.register_mem_pool_host(dst)
             threads_after: list[int] = []
-            for delay in (0.0, 0.001, 0.003, 0.001, 0.0):
+            for delay in (0.0, 0.001, 0.003, 0.001, 0.0, 0.002, 0.0, 0.001):
                 task = asyncio.ensure_future(storage.batch_get_v1(keys, slots(dst, list(range(n)))))
                 await asyncio.sleep(delay)
                 task.cancel()
@@ -337,8 +337,10 @@ class StorageConformance:
                 await asyncio.sleep(0.02)
                 assert bool((dst.buffer.view(-1).view(torch.uint8) == 0xAB).all())
                 threads_after.append(threading.active_count())
-            # Worker threads are reused, not leaked: repeated cancellations add none.
-            assert max(threads_after[2:]) <= threads_after[1]
+            # Worker threads are reused, not leaked: six more cancellations add at most the
+            # two whose calls may still be in a blocking read when the next call starts (a
+            # leak would add one each; the exact bound failed now and then on a busy machine).
+            assert max(threads_after[2:]) <= threads_after[1] + 2
 
     # -- faults ---------------------------------------------------------------------------
 
