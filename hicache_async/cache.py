@@ -480,8 +480,6 @@ class HiCache:
             if tokens <= 0:
                 break
             tokens -= node.num_tokens
-            if node.state is NodeState.DEVICE:
-                self._make_l2_room(node.num_tokens // self.page_size)
             job = self.backup.reserve(node)  # None when it has a host copy, or L2 is full
             if job is not None:
                 jobs.append(job)
@@ -559,7 +557,6 @@ class HiCache:
             if pinned and pinned + pages > self.backup_pin_limit:
                 self._backup_totals.skipped += 1  # copies are behind: retried as they land
                 return False
-            self._make_l2_room(pages)
             job = self.backup.reserve(node)  # pinned now, copied by the backup worker
             if job is None:  # no room on L2 (``todo`` holds DEVICE nodes only)
                 return False
@@ -570,20 +567,6 @@ class HiCache:
                 return False
             self._backups_pending.add(pages)
         return True
-
-    def _make_l2_room(self, pages: int) -> None:
-        """Overload: when L2 cannot free ``pages`` pages because queued L3 writes pin them, shed
-        those writes (oldest first) until it can, so a backup L1 -> L2 is never skipped for
-        lack of L3 throughput (the L3 copies are not made: counted in write_back.shed)."""
-        write_back, host = self.write_back, self.host_tier
-        if write_back is None or host is None or not write_back.depth:
-            return
-        allocator = host.allocator
-        while allocator.available < pages:
-            host.evict(pages - allocator.available + host.headroom)
-            if allocator.available >= pages or not write_back.depth:
-                return
-            write_back.shed(pages - allocator.available)
 
     def _l2_unpinned(self) -> None:
         """An L3 write released its host pages: L2 has room for deferred backups, and L1
@@ -619,12 +602,8 @@ class HiCache:
             return  # copies are behind: the next landed batch retries
         host = self.host_pool.allocator if self.host_pool is not None else None
         while self._unbacked and host is not None:
-            if (
-                not host.available
-                and not self.tree.evictable_size(RadixTier.HOST)
-                and not (self.write_back is not None and self.write_back.depth)
-            ):
-                return  # nothing L2 could free (or shed) now: a reservation would fail again
+            if not host.available and not self.tree.evictable_size(RadixTier.HOST):
+                return  # nothing L2 could free now: a reservation would only fail again
             last, hits = self._unbacked[0]
             if last.state is NodeState.REMOVED:
                 self._unbacked.popleft()

@@ -64,7 +64,6 @@ class TransitionCounter:
     retried: int = 0
     dropped: int = 0
     waited: int = 0
-    shed: int = 0  # see TransitionStats
 
     def add(self, pages: int, nbytes: int, seconds: float) -> None:
         """Record one finished move."""
@@ -127,13 +126,10 @@ class TransitionStats(_Frozen):
     # Backups: found no L2 room, or deferred while the copies were behind (the pin limit);
     # retried later with success; given up (retry queue full).
     # Loads: too short or no L1 room; waited for another request's load of their pages.
-    # Write-backs: queued L3 writes shed (not made, their host pages released) so that a
-    # backup L1 -> L2 found room while L3 fell behind.
     skipped: int = 0
     retried: int = 0
     dropped: int = 0
     waited: int = 0
-    shed: int = 0
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -66,16 +66,12 @@ class StatsCollector(Collector):
         spent = counter("transition_seconds", "Seconds spent moving", ("transition",))
         failed = counter("transition_failures", "Moves that failed", ("transition",))
         skipped = counter("transition_skipped", "Moves not made for lack of room", ("transition",))
-        shed = counter(
-            "transition_shed", "Queued moves given up under overload (L3 writes)", ("transition",)
-        )
         for transition, totals in s.transitions.items():
             moved.add_metric([transition.value], totals.bytes)
             spent.add_metric([transition.value], totals.seconds)
             failed.add_metric([transition.value], totals.failures)
             skipped.add_metric([transition.value], totals.skipped)
-            shed.add_metric([transition.value], totals.shed)
-        yield from (moved, spent, failed, skipped, shed)
+        yield from (moved, spent, failed, skipped)
 
         prefetch = counter("prefetch", "L3 prefetches by outcome", ("outcome",))
         for outcome, value in s.prefetch.model_dump().items():

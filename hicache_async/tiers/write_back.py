@@ -2,13 +2,8 @@
 
 A node whose pages reached L2 is written to L3 once. :meth:`WriteBack.submit` (sync, on the
 loop) host-locks the node, so L2 eviction cannot free pages a write still reads, captures the
-keys and slots, and queues the job on a bounded queue; when the queue is full the write is
+keys and slots, and queues the job on a bounded stream; when the stream is full the write is
 dropped and counted rather than waiting (the caller is a commit, which never blocks).
-
-Overload: a job still queued (not yet taken by the writer) can be shed by :meth:`WriteBack.shed`,
-oldest first: its host lock is released so L2 eviction can take its pages, and its L3 copy is
-simply not made (counted in ``transitions.write_back.shed``). The cache sheds when a backup
-L1 -> L2 finds no L2 room, so a slow L3 costs L3 copies, never L2 backups.
 
 The writer task batches queued jobs into ``batch_set_v1`` calls, each under a deadline. It does
 not unlock: it hands each job with the backend's answer to the bounded release stream. The
@@ -22,7 +17,6 @@ the same order can pass one.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 import zlib
@@ -31,6 +25,7 @@ from dataclasses import dataclass, replace
 
 import anyio
 import torch
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from hicache_async.events import BlockStored, EventHub, StorageMedium
 from hicache_async.health import Health
@@ -79,17 +74,14 @@ class WriteBack:
         self.deadline_s = deadline_s
         self._agree = agree
         self.health = health or Health()  # a failed batch or release: counted, not raised
-        # Jobs waiting for the writer, oldest first: a deque (not a stream) so they can be shed.
-        self._queue: collections.deque[WriteJob] = collections.deque()
-        self._max_jobs = max_jobs
-        self._closed = False
-        self._wake: anyio.Event | None = None  # made by the writer on the loop, set by submit
+        send, receive = anyio.create_memory_object_stream[WriteJob](max_buffer_size=max_jobs)
+        self._jobs: tuple[MemoryObjectSendStream[WriteJob], MemoryObjectReceiveStream[WriteJob]]
+        self._jobs = (send, receive)
         done_send, done_receive = anyio.create_memory_object_stream[tuple[WriteJob, list[bool]]](
             max_buffer_size=max_jobs
         )
         self._done = (done_send, done_receive)
         self.dropped = 0  # jobs refused because the queue was full
-        self.shed_jobs = 0  # queued jobs given up to make L2 room (see ``shed``)
         self.pending = Pending()  # jobs queued, being written or awaiting release
         # Called (sync, on the loop) after a job's host lock is released: L2 may have room again.
         self.on_release: Callable[[], None] | None = None
@@ -97,32 +89,11 @@ class WriteBack:
     @property
     def depth(self) -> int:
         """Jobs waiting for the writer."""
-        return len(self._queue)
+        return self._jobs[1].statistics().current_buffer_used
 
     @property
     def capacity(self) -> int:
-        return self._max_jobs
-
-    @property
-    def queued_pages(self) -> int:
-        """Host pages that queued jobs (sheddable ones) keep locked."""
-        return sum(len(job.keys) for job in self._queue)
-
-    def shed(self, pages: int) -> int:
-        """Give up queued jobs, oldest first, until ``pages`` host pages are unlocked (or none
-        is queued); returns the pages unlocked. Sync, on the loop. A shed job's L3 copy is not
-        made: a later L3 miss, never wrong KV (nothing was written). Jobs the writer already
-        took are not touched: their write is in flight and releases as usual."""
-        freed = 0
-        stats = self.counters.transitions[Transition.WRITE_BACK]
-        while freed < pages and self._queue:
-            job = self._queue.popleft()
-            self.tree.unlock_host(job.node)
-            self.pending.done()
-            freed += len(job.keys)
-            self.shed_jobs += 1
-            stats.shed += 1
-        return freed
+        return int(self._jobs[1].statistics().max_buffer_size)
 
     def submit(self, node: TreeNode) -> bool:
         """Queue ``node``'s pages for L3 (call on the loop once its host copy is valid)."""
@@ -135,14 +106,14 @@ class WriteBack:
             host_slots=host_slots,
             event=stored_event(self.tree, node, self.medium) if self.hub.active else None,
         )
-        if self._closed or len(self._queue) >= self._max_jobs:
+        self.tree.lock_host(node)
+        try:
+            self._jobs[0].send_nowait(job)
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.tree.unlock_host(node)
             self.dropped += 1
             return False
-        self.tree.lock_host(node)
-        self._queue.append(job)
         self.pending.add()
-        if self._wake is not None:
-            self._wake.set()
         return True
 
     async def run(self) -> None:
@@ -153,24 +124,12 @@ class WriteBack:
 
     def close(self) -> None:
         """Accept no more jobs; the tasks finish what is queued, then return."""
-        self._closed = True
-        if self._wake is not None:
-            self._wake.set()
-
-    async def _next(self) -> WriteJob | None:
-        """The oldest queued job, waiting for one; None once closed and empty."""
-        while not self._queue:
-            if self._closed:
-                return None
-            self._wake = anyio.Event()
-            await self._wake.wait()
-        self._wake = None
-        return self._queue.popleft()
+        self._jobs[0].close()
 
     async def _write(self) -> None:
-        send_done = self._done[0]
-        async with send_done:
-            while (first := await self._next()) is not None:
+        send_done, jobs = self._done[0], self._jobs[1]
+        async with send_done, jobs:
+            async for first in jobs:
                 batch = [first, *self._more(len(first.keys))]
                 flags = [False] * sum(len(job.keys) for job in batch)
                 with self.health.contain("write_back"):  # nothing stored; released below
@@ -184,8 +143,11 @@ class WriteBack:
     def _more(self, pages: int) -> list[WriteJob]:
         """Queued jobs that fit in the same backend call."""
         more: list[WriteJob] = []
-        while pages < self.batch_pages and self._queue:
-            job = self._queue.popleft()
+        while pages < self.batch_pages:
+            try:
+                job = self._jobs[1].receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
             more.append(job)
             pages += len(job.keys)
         return more
