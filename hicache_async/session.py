@@ -499,9 +499,8 @@ class Session:
 
     def _check_fits(self, need: int) -> None:
         """Refuse, before evicting anything, ``need`` more pages than L1 can ever give this
-        request beside the pages it holds already."""
-        if not need:  # most decode steps: the last page has room
-            return
+        request beside the pages it holds already (callers skip it when ``need`` is 0: most
+        decode steps)."""
         cache = self._cache
         size = cache.page_size
         if self._table is not None:
